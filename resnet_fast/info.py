@@ -1,0 +1,70 @@
+"""What is installed and which backends can run here, and why not."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, _ext
+from .ops import backend
+
+
+def info() -> dict:
+    """Versions, devices and backend usability, as a dict (printed by `resnet-fast info`)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    module = _ext.load()
+    devices = ["cpu"] + [
+        f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())
+    ]
+    return {
+        "resnet_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "triton": triton_version,
+        "cuda (torch built with)": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "devices": devices,
+        "extension": {
+            "usable": module is not None,
+            "cuda": bool(module is not None and module.with_cuda),
+            "why not": _ext.reason(),
+        },
+        "requested backend": backend.get_backend(),
+        "backends": backend.status(),
+        "auto choice": {dev: backend.backend_for(torch.device(dev)) for dev in ("cpu", "cuda")},
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+def format_info(data: dict) -> str:
+    lines = []
+    for key, value in data.items():
+        if key == "backends":
+            lines.append("backends:")
+            for name, per_device in value.items():
+                for dev, why in per_device.items():
+                    lines.append(f"  {name:7s} {dev:5s} {'usable' if not why else 'not usable: ' + why}")
+        elif key == "extension":
+            state = "usable" if value["usable"] else f"not usable: {value['why not']}"
+            lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {value['cuda']})")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def print_info(file=sys.stdout) -> None:
+    print(format_info(info()), file=file)

@@ -1,0 +1,28 @@
+"""Helpers shared by the tests (tests/ is on sys.path through conftest.py)."""
+
+import torch
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random BN affine parameters and running stats, so eval mode is not an identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.num_batches_tracked.fill_(int(torch.randint(0, 100, (1,), generator=gen)))
+    return model
+
+
+def like_fused(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A torchvision model and input in the layout resnet_fast runs (NHWC when a fused backend is
+    active), so both sides pick the same conv algorithms and fp32 results agree to 1e-5."""
+    import resnet_fast
+
+    if resnet_fast.ops.backend_for(x.device) == "torch":
+        return model, x
+    return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is present on this machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Each test starts from the same seed and the default backend choice."""
+    import resnet_fast
+
+    torch.manual_seed(0)
+    previous = os.environ.get("RESNET_FAST_BACKEND")
+    yield
+    resnet_fast.set_backend(None)
+    if previous is None:
+        os.environ.pop("RESNET_FAST_BACKEND", None)
+    else:
+        os.environ["RESNET_FAST_BACKEND"] = previous

@@ -1,0 +1,107 @@
+"""resnet_fast._C: it builds (CPU and, with nvcc, CUDA sources), its op matches torch, and the
+package works without it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import _ext, ops
+
+_C = _ext.load()
+needs_ext = pytest.mark.skipif(_C is None, reason=f"resnet_fast._C unavailable: {_ext.reason()}")
+
+
+@needs_ext
+def test_cuda_sources_were_compiled_when_nvcc_is_present():
+    from resnet_fast import _build
+
+    cuda_home, why = _build.cuda_build_problem()
+    if cuda_home is None:
+        pytest.skip(f"CUDA sources not buildable here: {why}")
+    # The installed build compiles csrc/cuda/*.cu for sm_80/sm_90 whenever nvcc matches torch.
+    assert _C.with_cuda
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
+def test_add_relu_matches_torch(dtype, layout):
+    a = torch.randn(3, 5, 7, 9, dtype=dtype)
+    b = torch.randn(3, 5, 7, 9, dtype=dtype)
+    if layout in ("channels_last", "mixed"):
+        a = a.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        b = b.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        a = torch.randn(3, 5, 7, 18, dtype=dtype)[..., ::2]
+    out = _C.add_relu(a, b)
+    # Same rounding as torch: one add in the dtype (bf16/fp16 computed in fp32 and rounded once).
+    assert torch.equal(out, torch.relu(a + b))
+    expected_format = torch.channels_last if layout in ("channels_last", "mixed") else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+
+
+@needs_ext
+def test_add_relu_propagates_nan_like_torch():
+    a = torch.tensor([float("nan"), -1.0, 2.0] * 11)
+    assert torch.equal(_C.add_relu(a, torch.zeros_like(a)).isnan(), a.isnan())
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (torch.randn(2, 3), torch.randn(3, 2), "shapes differ"),
+        (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64), "dtypes differ"),
+        (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), "floating-point"),
+    ],
+)
+def test_add_relu_input_checks(a, b, match):
+    with pytest.raises(RuntimeError, match=match):
+        _C.add_relu(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_add_relu_op_autograd_and_compile(backend):
+    resnet_fast.set_backend(backend)
+    a = torch.randn(2, 4, 5, 5, requires_grad=True)
+    b = torch.randn(2, 4, 5, 5, requires_grad=True)
+    torch.autograd.gradcheck(ops.add_relu, (a.double(), b.double()))
+    compiled = torch.compile(ops.add_relu, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(a, b), torch.relu(a + b))
+
+
+def test_add_relu_op_rejects_broadcasting():
+    with pytest.raises(ValueError, match="equal shapes"):
+        ops.add_relu(torch.randn(2, 3), torch.randn(3))
+
+
+@needs_ext
+def test_model_dispatches_to_the_extension(monkeypatch):
+    calls = []
+    original = ops.fused._ADD_RELU["cpp"]
+    monkeypatch.setitem(ops.fused._ADD_RELU, "cpp", lambda a, b: calls.append(a.shape) or original(a, b))
+    resnet_fast.set_backend("cpp")
+    with torch.no_grad():
+        resnet_fast.resnet18(num_classes=10).eval()(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 8  # every BasicBlock tail of ResNet-18
+
+
+def test_package_works_without_the_extension():
+    env = {**os.environ, "RESNET_FAST_SKIP_EXT": "1"}
+    code = (
+        "import json, torch, resnet_fast;"
+        "print(resnet_fast.ResNet50(num_classes=3).eval()(torch.randn(1, 3, 64, 64)).shape);"
+        "info = resnet_fast.info(); print(json.dumps([info['extension'], info['auto choice']]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    shape, state = out.stdout.strip().splitlines()
+    assert shape == "torch.Size([1, 3])"
+    extension, choice = json.loads(state)
+    assert not extension["usable"] and "RESNET_FAST_SKIP_EXT" in extension["why not"]
+    assert choice["cpu"] == "torch"
