@@ -1,0 +1,1 @@
+"""Triton kernels (NVIDIA GPUs) and their launchers, one file per op family."""
