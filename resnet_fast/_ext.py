@@ -35,7 +35,8 @@ def _jit_build() -> ModuleType:
         raise RuntimeError(f"C++ sources not found at {_build.CSRC}")
     # CUDA sources only where a GPU can use them: they triple the build time.
     cuda_home, _ = _build.cuda_build_problem() if torch.cuda.is_available() else (None, "")
-    _build.prepare_env(cuda_home)
+    # CUDA_HOME set even for a CPU build: torch's own guess from PATH is wrong here and warns.
+    _build.prepare_env(cuda_home or _build.find_cuda_home())
     from torch.utils import cpp_extension
 
     with_cuda = cuda_home is not None
