@@ -1,6 +1,8 @@
 // Python bindings of resnet_fast._C: input checks, device guard, then the cpu/ or cuda/ kernel.
 #include <torch/extension.h>
+#include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/util/accumulate.h>
 
 #include "resnet_fast.h"
 
@@ -37,6 +39,257 @@ at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
   return cpu::add_relu(a_, b_);
 }
 
+namespace {
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " differs from the input's ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", the input on ", x.device());
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": expected a floating-point input (float32, float16, bfloat16, float64), got ", x.scalar_type());
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": unsupported device ", x.device());
+#ifndef WITH_CUDA
+  TORCH_CHECK(x.is_cpu(), op, ": resnet_fast._C was built without CUDA sources");
+#endif
+}
+
+// A per-channel vector: 1-D, `channels` floats on the input's device, as the kernels' math type.
+at::Tensor channel_vector(const at::Tensor& v, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must be 1-D with ", x.size(1),
+              " elements (the input's channels), got shape ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name, " must be floating point, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(), ", the input on ", x.device());
+  return v.to(at::toOpMathType(x.scalar_type())).contiguous();
+}
+
+void check_pair(const std::vector<int64_t>& v, const char* op, const char* name, int64_t min) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 values (h, w), got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, op, ": ", name, " values must be >= ", min, ", got [", v[0], ", ", v[1],
+              "]");
+}
+
+}  // namespace
+
+at::Tensor scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "scale_shift_act";
+  check_input(x, op);
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input [N, C, ...], got shape ", x.sizes());
+  const auto scale_ = channel_vector(scale, x, op, "scale");
+  const auto shift_ = channel_vector(shift, x, op, "shift");
+  // Kernels walk flat memory: input, residual and output dense in the input's format.
+  const auto format = x.suggest_memory_format();
+  const auto x_ = x.contiguous(format);
+  std::optional<at::Tensor> res_;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual shape ", residual->sizes(), " differs from the input's ",
+                x.sizes());
+    check_like(*residual, x, op, "residual");
+    res_ = residual->contiguous(format);
+  }
+  auto out = at::empty_like(x_);
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    cuda::scale_shift_act_out(out, x_, scale_, shift_, res_, relu);
+#endif
+    return out;
+  }
+  cpu::scale_shift_act_out(out, x_, scale_, shift_, res_, relu);
+  return out;
+}
+
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const std::optional<at::Tensor>& residual, bool relu, const std::vector<int64_t>& stride,
+                         const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  const char* op = "conv_bias_act";
+  check_input(x, op);
+  TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D input [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 4, op, ": expected a 4-D weight [Cout, Cin/groups, KH, KW], got shape ", w.sizes());
+  check_like(w, x, op, "weight");
+  TORCH_CHECK(!w.is_mkldnn() || x.is_cpu(), op, ": a oneDNN-prepacked weight needs a CPU input");
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  const int64_t cout = w.size(0);
+  TORCH_CHECK(x.size(1) == w.size(1) * groups && cout % groups == 0, op, ": input ", x.sizes(), ", weight ",
+              w.sizes(), " and groups ", groups, " do not match (need C == weight.size(1) * groups and ",
+              "weight.size(0) divisible by groups)");
+  std::vector<int64_t> out_size{x.size(0), cout, 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = dilation[d] * (w.size(2 + d) - 1) + 1;
+    const int64_t padded = x.size(2 + d) + 2 * padding[d];
+    TORCH_CHECK(padded >= extent, op, ": input ", x.sizes(), " with padding [", padding[0], ", ", padding[1],
+                "] is smaller than the dilated kernel ", w.sizes());
+    out_size[2 + d] = (padded - extent) / stride[d] + 1;
+  }
+  std::optional<at::Tensor> b_;
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == cout, op, ": bias must be 1-D with ", cout, " elements, got shape ",
+                b->sizes());
+    check_like(*b, x, op, "bias");
+    b_ = b->contiguous();
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  std::optional<at::Tensor> res_;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), op, ": residual shape ", residual->sizes(),
+                " differs from the output's ", at::IntArrayRef(out_size));
+    check_like(*residual, x, op, "residual");
+    res_ = residual->contiguous(cl);
+  }
+  if (c10::multiply_integers(out_size) == 0 || x.numel() == 0) {
+    return at::empty(out_size, x.options().memory_format(cl));
+  }
+  const auto x_ = x.contiguous(cl);
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    return cuda::conv_bias_act(x_, w, b_, res_, relu, stride, padding, dilation, groups);
+#endif
+  }
+  return cpu::conv_bias_act(x_, w.is_mkldnn() ? w : w.contiguous(), b_, res_, relu, stride, padding, dilation,
+                            groups);
+}
+
+at::Tensor prepack_conv_weight(const at::Tensor& w, const std::vector<int64_t>& stride,
+                               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                               int64_t groups, const std::vector<int64_t>& input_size) {
+  const char* op = "prepack_conv_weight";
+  TORCH_CHECK(w.dim() == 4 && at::isFloatingType(w.scalar_type()) && !w.is_mkldnn(), op,
+              ": expected a dense 4-D floating-point weight, got ", w.sizes(), " ", w.scalar_type());
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK(input_size.size() == 4, op, ": input_size must be [N, C, H, W]");
+  // CUDA: cuDNN's NHWC kernels want an NHWC weight; making it once saves a copy per call.
+  if (w.is_cuda()) return w.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(w.is_cpu(), op, ": unsupported device ", w.device());
+  return cpu::prepack_conv_weight(w, stride, padding, dilation, groups, input_size);
+}
+
+std::string conv_route(const std::string& device_type, at::ScalarType dtype) {
+  if (device_type == "cuda") {
+#ifdef WITH_CUDA
+    return cuda::conv_route(dtype);
+#else
+    return "none (resnet_fast._C was built without CUDA sources)";
+#endif
+  }
+  TORCH_CHECK(device_type == "cpu", "conv_route: expected device type 'cpu' or 'cuda', got '", device_type, "'");
+  return cpu::conv_route(dtype);
+}
+
+namespace {
+
+// Batch-norm inputs: x [N, C, *] non-empty; dy and residual shaped like x, in x's dtype and device.
+void check_bn(const at::Tensor& x, const char* op) {
+  check_input(x, op);
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input [N, C, ...], got shape ", x.sizes());
+  TORCH_CHECK(x.numel() > 0, op, ": expected a non-empty input, got shape ", x.sizes());
+}
+
+at::Tensor like_input(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " shape ", t.sizes(), " differs from the input's ", x.sizes());
+  check_like(t, x, op, name);
+  return t.contiguous(x.suggest_memory_format());
+}
+
+std::optional<at::Tensor> like_input(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* op,
+                                     const char* name) {
+  if (!t.has_value()) return std::nullopt;
+  return like_input(*t, x, op, name);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x) {
+  const char* op = "bn_stats";
+  check_bn(x, op);
+  const auto x_ = x.contiguous(x.suggest_memory_format());
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    return cuda::bn_stats(x_);
+#endif
+  }
+  return cpu::bn_stats(x_);
+}
+
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                    const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "bn_apply";
+  check_bn(x, op);
+  const auto x_ = x.contiguous(x.suggest_memory_format());
+  const auto res_ = like_input(residual, x, op, "residual");
+  const auto scale_ = channel_vector(scale, x, op, "scale");
+  const auto shift_ = channel_vector(shift, x, op, "shift");
+  auto y = at::empty_like(x_);
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    cuda::scale_shift_act_out(y, x_, scale_, shift_, res_, relu);
+#endif
+  } else {
+    cpu::bn_apply_out(y, x_, scale_, shift_, res_, relu);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                      const at::Tensor& scale, const at::Tensor& shift,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      const at::Tensor& mean, bool relu) {
+  const char* op = "bn_backward_reduce";
+  check_bn(x, op);
+  const auto x_ = x.contiguous(x.suggest_memory_format());
+  const auto dy_ = like_input(dy, x, op, "grad");
+  const auto res_ = like_input(residual, x, op, "residual");
+  const auto scale_ = channel_vector(scale, x, op, "scale");
+  const auto shift_ = channel_vector(shift, x, op, "shift");
+  const auto mean_ = channel_vector(mean, x, op, "mean");
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    return cuda::bn_backward_reduce(dy_, x_, scale_, shift_, res_, mean_, relu);
+#endif
+  }
+  return cpu::bn_backward_reduce(dy_, x_, scale_, shift_, res_, mean_, relu);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb,
+    const at::Tensor& kc, bool relu, bool residual_grad) {
+  const char* op = "bn_backward_elemt";
+  check_bn(x, op);
+  const auto x_ = x.contiguous(x.suggest_memory_format());
+  const auto dy_ = like_input(dy, x, op, "grad");
+  const auto res_ = like_input(residual, x, op, "residual");
+  const auto scale_ = channel_vector(scale, x, op, "scale");
+  const auto shift_ = channel_vector(shift, x, op, "shift");
+  const auto mean_ = channel_vector(mean, x, op, "mean");
+  const auto ka_ = channel_vector(ka, x, op, "ka");
+  const auto kb_ = channel_vector(kb, x, op, "kb");
+  const auto kc_ = channel_vector(kc, x, op, "kc");
+  auto dx = at::empty_like(x_);
+  std::optional<at::Tensor> dres;
+  if (residual_grad) dres = at::empty_like(x_);
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    const c10::DeviceGuard guard(x.device());
+    cuda::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, res_, mean_, ka_, kb_, kc_, relu);
+#endif
+  } else {
+    cpu::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, res_, mean_, ka_, kb_, kc_, relu);
+  }
+  return {dx, dres};
+}
+
 }  // namespace resnet_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -50,4 +303,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
                             "." + std::to_string(TORCH_VERSION_PATCH);
   m.def("add_relu", &resnet_fast::add_relu, "relu(a + b), elementwise", py::arg("a"), py::arg("b"));
+  m.def("scale_shift_act", &resnet_fast::scale_shift_act,
+        "act(x * scale[c] + shift[c] (+ residual)) over channel dim 1, in x's layout", py::arg("x"),
+        py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none(), py::arg("relu") = true);
+  m.def("conv_bias_act", &resnet_fast::conv_bias_act,
+        "act(conv2d(x, w) + b (+ residual)), channels_last out; w dense or from prepack_conv_weight", py::arg("x"),
+        py::arg("w"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"));
+  m.def("prepack_conv_weight", &resnet_fast::prepack_conv_weight,
+        "w in the layout conv_bias_act runs fastest with for inputs of input_size (a oneDNN tensor on CPU)",
+        py::arg("w"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        py::arg("input_size"));
+  m.def("conv_route", &resnet_fast::conv_route, "which convolution route conv_bias_act takes, and why",
+        py::arg("device_type"), py::arg("dtype"));
+  m.def("bn_stats", &resnet_fast::bn_stats,
+        "per-channel (mean, biased variance) of x [N, C, *] over all but dim 1, in x's math type", py::arg("x"));
+  m.def("bn_apply", &resnet_fast::bn_apply,
+        "act(x * scale[c] + shift[c] (+ residual)): the batch-norm apply pass (its arithmetic is the backward's mask's)",
+        py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("relu"));
+  m.def("bn_kernels_isa", &resnet_fast::cpu::bn_kernels_isa, "which build of the CPU batch-norm kernels runs here");
+  m.def("bn_backward_reduce", &resnet_fast::bn_backward_reduce,
+        "per-channel (sum dy', sum dy' * (x - mean)), dy' = dy masked by relu(x*scale + shift (+ residual))",
+        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("mean"),
+        py::arg("relu"));
+  m.def("bn_backward_elemt", &resnet_fast::bn_backward_elemt,
+        "(dx = ka*dy' + kb*(x - mean) + kc per channel, dy' or None): the batch-norm input and residual grads",
+        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("mean"),
+        py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
+  m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
+        "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));
 }

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .models import *  # noqa: E402, F403
 from .models import __all__ as _models_all  # noqa: E402
+from .nn import convert_sync_batchnorm  # noqa: E402
 from .ops import BackendUnavailable, get_backend, set_backend  # noqa: E402
 
 
@@ -17,4 +18,4 @@ def info() -> dict:
     return _info()
 
 
-__all__ = [*_models_all, "BackendUnavailable", "get_backend", "info", "set_backend"]
+__all__ = [*_models_all, "BackendUnavailable", "convert_sync_batchnorm", "get_backend", "info", "set_backend"]

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from . import bench, train, validate
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, info
@@ -21,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, devices, and which backends are usable here")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(func=_cmd_info)
+    train.add_parser(sub)
+    bench.add_parser(sub)
+    validate.add_parser(sub)
     return parser
 
 

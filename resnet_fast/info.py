@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import __version__, _ext
-from .ops import backend
+from .ops import backend, conv_route
 
 
 def info() -> dict:
@@ -37,6 +37,11 @@ def info() -> dict:
             "cuda": bool(module is not None and module.with_cuda),
             "why not": _ext.reason(),
         },
+        "cpp conv route": {
+            "cpu float32": conv_route("cpu", torch.float32),
+            "cpu bfloat16": conv_route("cpu", torch.bfloat16),
+            "cuda": conv_route("cuda", torch.float32),
+        },
         "requested backend": backend.get_backend(),
         "backends": backend.status(),
         "auto choice": {dev: backend.backend_for(torch.device(dev)) for dev in ("cpu", "cuda")},
@@ -58,6 +63,9 @@ def format_info(data: dict) -> str:
             for name, per_device in value.items():
                 for dev, why in per_device.items():
                     lines.append(f"  {name:7s} {dev:5s} {'usable' if not why else 'not usable: ' + why}")
+        elif key == "cpp conv route":
+            lines.append("cpp conv route:")
+            lines += [f"  {where}: {route}" for where, route in value.items()]
         elif key == "extension":
             state = "usable" if value["usable"] else f"not usable: {value['why not']}"
             lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {value['cuda']})")

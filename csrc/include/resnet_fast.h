@@ -4,14 +4,74 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string>
+#include <tuple>
+
 namespace resnet_fast {
 namespace cpu {
 at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
+
+// out = act(x * scale[c] + shift[c] (+ residual)); out may alias x. x, residual and out are dense in
+// one memory format (contiguous or channels_last); scale/shift are undefined (1 / 0) or dense 1-D in
+// x's math type (float for 16-bit and float32 x, double for float64 x).
+void scale_shift_act_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                         const std::optional<at::Tensor>& residual, bool relu);
+
+// act(conv2d(x, w) + b (+ residual)): x and residual channels_last, w dense or prepacked (mkldnn).
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// w in the layout conv_bias_act runs fastest with (a oneDNN blocked mkldnn tensor on the oneDNN route).
+at::Tensor prepack_conv_weight(const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size);
+
+// Which convolution route runs for this dtype, and why when it is the fallback.
+std::string conv_route(at::ScalarType dtype);
+// "auto" (oneDNN fused ops where the running torch has them) or "aten" (always the fallback).
+void set_conv_route(const std::string& route);
+
+// Training batch norm (batchnorm.cpp). x, dy, residual, dx, dres dense in one memory format; scale,
+// shift, mean and the coefficients dense 1-D in x's math type (float, double for float64 x).
+// Per-channel batch mean and biased variance (two passes per tile, Chan's combine across tiles).
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x);
+// y = act(x * scale + shift (+ residual)), the apply pass; its arithmetic is the backward's mask's.
+void bn_apply_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                  const std::optional<at::Tensor>& residual, bool relu);
+// Which build of the kernels runs here: "avx2+fma" or "baseline".
+std::string bn_kernels_isa();
+// Per-channel sums of dy' and dy' * (x - mean), dy' = dy where relu's input x*scale + shift (+ residual)
+// was > 0 (dy' = dy without relu).
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                      const at::Tensor& scale, const at::Tensor& shift,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      const at::Tensor& mean, bool relu);
+// dx = ka[c] * dy' + kb[c] * (x - mean[c]) + kc[c]; dres = dy' when given.
+void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& scale, const at::Tensor& shift,
+                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const at::Tensor& kb, const at::Tensor& kc, bool relu);
 }  // namespace cpu
 
 #ifdef WITH_CUDA
 namespace cuda {
 at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
+void scale_shift_act_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                         const std::optional<at::Tensor>& residual, bool relu);
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+std::string conv_route(at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                      const at::Tensor& scale, const at::Tensor& shift,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      const at::Tensor& mean, bool relu);
+void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& scale, const at::Tensor& shift,
+                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const at::Tensor& kb, const at::Tensor& kc, bool relu);
 }  // namespace cuda
 #endif
 }  // namespace resnet_fast

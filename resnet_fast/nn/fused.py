@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import fold, ops
 from ..kernels import reference
+from .batchnorm import SyncBatchNorm, train_forward, uses_batch_stats
 
 
 def _plain(conv: nn.Module, bn: nn.Module) -> bool:
@@ -19,7 +20,7 @@ def _plain(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         type(conv) is nn.Conv2d
         and isinstance(bn, nn.BatchNorm2d)
-        and type(bn).forward is nn.BatchNorm2d.forward
+        and type(bn).forward in (nn.BatchNorm2d.forward, SyncBatchNorm.forward)
         and not (conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks)
     )
 
@@ -35,12 +36,72 @@ def conv_bn_act(
     """act(bn(conv(x)) [+ residual]) through the fused ops where possible."""
     if not fused_backend(x) or not _plain(conv, bn):
         return reference.conv_bn_act(x, conv, bn, residual, relu)
+    if uses_batch_stats(bn):
+        return _train_fused(x, conv, bn, residual, relu)
+    if _foldable(x, conv, bn, residual):
+        return _eval_fused(x, conv, bn, residual, relu)
     out = bn(conv(x))
     if residual is not None and relu:
         return ops.add_relu(out, residual)
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def _train_fused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Tensor | None, relu: bool) -> Tensor:
+    """Train mode (batch statistics): the conv, then ONE fused BN (+ residual) (+ ReLU) op that also
+    updates the running statistics like nn.BatchNorm2d (synchronised for a SyncBatchNorm)."""
+    return train_forward(bn, conv(x), residual, relu)
+
+
+def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None) -> bool:
+    """Eval BN with running stats, no gradient needed, and a conv the fused op expresses exactly.
+
+    Folded weights are cached without autograd history, so anything needing gradients runs unfused.
+    Autocast and mixed dtypes keep torch's own semantics (unfused).
+    """
+    params = (conv.weight, conv.bias, bn.weight, bn.bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or any(p is not None and p.requires_grad for p in params)
+    )
+    return (
+        not needs_grad
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)  # not 'same' / 'valid'
+        and x.dtype == conv.weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+def _eval_fused(
+    x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool
+) -> Tensor:
+    """Eval mode: BN folded into the conv (resnet_fast.fold), then ONE conv_bias_act op whose
+    epilogue adds the bias, the residual and applies ReLU."""
+    if torch.compiler.is_compiling():
+        # Traced: the fold becomes part of the graph (the cache's version checks are not traceable).
+        weight, bias = fold.fold_conv_bn(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, x.dtype
+        )
+    else:
+        entry = fold.folded(conv, bn, x.dtype)
+        weight, bias = entry.weight, entry.bias
+    return ops.conv_bias_act(
+        x,
+        weight,
+        bias,
+        residual,
+        relu,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        conv.groups,
+    )
 
 
 def to_model_layout(x: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
 """The op contract: fused ops (registered with torch.library) and backend selection."""
 
 from .backend import BACKENDS, BackendUnavailable, backend_for, get_backend, set_backend, status
+from .batchnorm import batch_norm_act, bn_act_backward, bn_act_train
+from .conv import conv_bias_act, conv_route, scale_shift_act
 from .fused import add_relu
 
 __all__ = [
@@ -8,7 +10,13 @@ __all__ = [
     "BackendUnavailable",
     "add_relu",
     "backend_for",
+    "batch_norm_act",
+    "bn_act_backward",
+    "bn_act_train",
+    "conv_bias_act",
+    "conv_route",
     "get_backend",
+    "scale_shift_act",
     "set_backend",
     "status",
 ]

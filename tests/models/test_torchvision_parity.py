@@ -41,6 +41,12 @@ def test_eval_and_train_parity(arch, backend):
         _close(ours.eval()(x), theirs.eval()(x), "eval logits")
 
     ours.train(), theirs.train()
+    if backend != "torch":
+        # The fused train BN (tests/models/test_train_parity.py) sums in another order than ATen; in
+        # float32 a ReLU input within rounding noise of 0 can then be masked on one side only, moving
+        # gradients by percents (torchvision's own float32 gradients differ that much from float64).
+        # float64 shows the exact parity.
+        ours, theirs, x = ours.double(), theirs.double(), x.double()
     target = torch.randint(0, 10, (2,))
     losses = []
     for model in (ours, theirs):

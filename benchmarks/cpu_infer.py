@@ -1,0 +1,155 @@
+"""CPU inference of ResNet-50: resnet_fast (cpp backend: folded BN, oneDNN fused conv + post-ops,
+prepacked weights) against torchvision eager channels_last and torch.compile with
+torch._inductor.config.freezing = True (channels_last), all in one process.
+
+    python benchmarks/cpu_infer.py [--rounds 15] [--batch 8] [--size 224] [--skip-bf16] [--skip-batch1]
+
+Every measurement is the median over interleaved rounds (resnet_fast._timing); ratios are the
+baseline's median over resnet_fast's. First-call ("warm-up") times are measured on fresh models:
+ours folds and prepacks every layer on its first call, compile+freezing compiles on its own.
+Writes benchmarks/results/<machine-tag>-cpu_infer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import resnet_fast
+from resnet_fast import _timing
+from resnet_fast.ops import conv_route
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CL = torch.channels_last
+
+
+def _models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(resnet_fast, torchvision channels_last) ResNet-50 with the same random weights and BN stats."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50().eval()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ours = resnet_fast.from_torchvision(theirs).eval().to(dtype)
+    return ours, theirs.to(dtype).to(memory_format=CL)
+
+
+def _first_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    with torch._inductor.config.patch(freezing=True):
+        return torch.compile(model, dynamic=False)
+
+
+def _run(label: str, fns: dict, rounds: int) -> dict:
+    cpu = torch.device("cpu")
+    for fn in fns.values():  # settle allocators and caches before timing
+        fn()
+    times = _timing.interleaved(fns, rounds, cpu)
+    stats = {name: _timing.summarize(t) for name, t in times.items()}
+    ours = stats["resnet_fast"]["median_ms"]
+    print(f"\n{label}")
+    print(f"  {'contender':28s} {'median ms':>10s} {'q1':>8s} {'q3':>8s} {'ours faster by':>15s}")
+    for name, s in stats.items():
+        ratio = s["median_ms"] / ours
+        s["speedup_of_resnet_fast"] = ratio
+        print(f"  {name:28s} {s['median_ms']:10.1f} {s['q1_ms']:8.1f} {s['q3_ms']:8.1f} {ratio:14.2f}x")
+    return stats
+
+
+def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
+    """First calls on fresh models, then steady state at batch N and batch 1."""
+    ours, theirs = _models(torch.float32)
+    compiled = _compiled(theirs)
+    warm = {"resnet_fast": _first_call(lambda: ours(x)), "compile+freezing": _first_call(lambda: compiled(x))}
+    print(
+        f"first call (s): resnet_fast {warm['resnet_fast']:.2f} (fold + prepack), "
+        f"compile+freezing {warm['compile+freezing']:.1f} (compilation)"
+    )
+    result["first_call_s"] = warm
+    diff = (ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()
+    print(f"max |ours - torchvision| / max |torchvision| = {diff:.2e}")
+    result["fp32_rel_diff_vs_torchvision"] = float(diff)
+    result["runs"]["fp32"] = _run(
+        f"fp32, batch {args.batch}, {args.size}x{args.size}",
+        {
+            "resnet_fast": lambda: ours(x),
+            "eager channels_last": lambda: theirs(x),
+            "compile+freezing": lambda: compiled(x),
+        },
+        args.rounds,
+    )
+    if args.skip_batch1:
+        return
+    x1 = x[:1].contiguous(memory_format=CL)
+    compiled1 = _compiled(theirs)
+    compiled1(x1)
+    result["runs"]["fp32_batch1"] = _run(
+        f"fp32, batch 1 latency, {args.size}x{args.size}",
+        {
+            "resnet_fast": lambda: ours(x1),
+            "eager channels_last": lambda: theirs(x1),
+            "compile+freezing": lambda: compiled1(x1),
+        },
+        args.rounds * 3,
+    )
+
+
+def _bf16(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
+    ours, theirs = _models(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    compiled = _compiled(theirs)
+    result["first_call_s"]["compile+freezing bf16"] = _first_call(lambda: compiled(x))
+    result["first_call_s"]["resnet_fast bf16"] = _first_call(lambda: ours(x))
+    result["runs"]["bf16"] = _run(
+        f"bf16, batch {args.batch}, {args.size}x{args.size}",
+        {
+            "resnet_fast": lambda: ours(x),
+            "eager channels_last": lambda: theirs(x),
+            "compile+freezing": lambda: compiled(x),
+        },
+        args.rounds,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-batch1", action="store_true")
+    args = parser.parse_args()
+
+    resnet_fast.set_backend("cpp")
+    info = _timing.machine_info(torch.device("cpu"))
+    info["cpp_conv_route"] = {"float32": conv_route("cpu"), "bfloat16": conv_route("cpu", torch.bfloat16)}
+    print(_timing.describe_machine(info, torch.device("cpu")))
+    print(f"cpp conv route: {info['cpp_conv_route']['float32']}")
+    result: dict = {"machine": info, "model": "resnet50", "size": args.size, "batch": args.batch, "runs": {}}
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=CL)
+
+    with torch.no_grad():
+        _fp32(x, args, result)
+        if not args.skip_bf16:
+            _bf16(x, args, result)
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{_timing.machine_tag(info, torch.device('cpu'))}-cpu_infer.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

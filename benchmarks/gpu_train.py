@@ -1,0 +1,111 @@
+"""GPU training step of ResNet-50 with AMP bf16 (forward + backward + SGD step): resnet_fast (fused train
+BN on the Triton backend, or --backend cpp for the CUDA C++ kernels) against torchvision eager, both
+channels_last, one process.
+
+    python benchmarks/gpu_train.py [--rounds 20] [--batch 256] [--size 224] [--backend auto] [--dtype bfloat16]
+
+Targets (issue #5): >= 1.2x torchvision eager, peak memory <= 0.75x. Medians over interleaved rounds
+(resnet_fast._timing); peak memory = torch.cuda.max_memory_allocated during one step above what is
+allocated before it. Before timing it checks the fused step's loss against torchvision's on the same
+weights (bf16 noise level). Writes benchmarks/results/<gpu-tag>-gpu_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fast
+from resnet_fast import _timing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CL = torch.channels_last
+
+
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--backend", default="auto", help="resnet_fast backend (auto, triton, cpp, torch)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    dev, dtype = _timing.check_device_dtype("cuda", args.dtype)
+    backend = _timing.set_backend_for(args.backend, dev)
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, args.arch)().train().to(dev, memory_format=CL)
+    ours = resnet_fast.from_torchvision(copy.deepcopy(theirs)).train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=CL)
+    target = torch.randint(0, 1000, (args.batch,), device=dev)
+    fns = {"resnet_fast": _step_fn(ours, x, target, dtype), "torchvision": _step_fn(theirs, x, target, dtype)}
+
+    # Same weights, same data: the first steps' losses agree to bf16/fp16 noise.
+    losses = {name: fn().float().item() for name, fn in fns.items()}
+    rel = abs(losses["resnet_fast"] - losses["torchvision"]) / abs(losses["torchvision"])
+    if rel > 2e-2:
+        raise SystemExit(f"fused loss {losses['resnet_fast']:.5f} vs torchvision {losses['torchvision']:.5f}")
+    for fn in fns.values():  # warm-up: cuDNN autotuning, Triton compiles, allocator
+        for _ in range(3):
+            fn()
+
+    times = _timing.interleaved(fns, args.rounds, dev)
+    stats = {name: _timing.summarize(t) for name, t in times.items()}
+    memory = {name: _timing.peak_memory(fn, dev) for name, fn in fns.items()}
+    speedup = stats["torchvision"]["median_ms"] / stats["resnet_fast"]["median_ms"]
+    mem_ratio = memory["resnet_fast"] / memory["torchvision"]
+
+    info = _timing.machine_info(dev)
+    result = {
+        "benchmark": "gpu_train",
+        "config": {**vars(args), "layout": "channels_last", "resnet_fast_backend": backend},
+        "machine": info,
+        "first_step_loss": losses,
+        "timing": stats,
+        "speedup_vs_torchvision": speedup,
+        "peak_memory_bytes": memory,
+        "memory_ratio_vs_torchvision": mem_ratio,
+        "memory_method": _timing.MEMORY_METHOD["cuda"],
+        "targets_met": {"speed>=1.2x": speedup >= 1.2, "memory<=0.75x": mem_ratio <= 0.75},
+    }
+    print(
+        f"{args.arch} training step, AMP {args.dtype}, batch {args.batch}, {args.size}x{args.size}, channels_last"
+    )
+    print(f"machine: {_timing.describe_machine(info, dev)}; resnet_fast backend: {backend}")
+    for name, s in stats.items():
+        print(
+            f"  {name:12s} median {s['median_ms']:8.2f} ms  (q1 {s['q1_ms']:.2f}, q3 {s['q3_ms']:.2f})"
+            f"  peak {memory[name] / 2**30:6.2f} GiB"
+        )
+    print(f"  speed: {speedup:.3f}x torchvision eager (target >= 1.2x)")
+    print(f"  peak memory: {mem_ratio:.3f}x torchvision (target <= 0.75x)")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{_timing.machine_tag(info, dev)}-gpu_train.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

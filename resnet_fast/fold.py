@@ -1,0 +1,139 @@
+"""BN folding for inference: Conv2d -> BatchNorm2d (eval) becomes one convolution with a bias.
+
+    w' = w * gamma / sqrt(var + eps)
+    b' = beta + (b - mean) * gamma / sqrt(var + eps)
+
+computed in float32 (float64 when the parameters are float64) and cast once to the run dtype.
+
+folded(conv, bn, dtype) caches the result on the conv module. The cache key holds, for every
+source tensor (conv weight/bias, BN weight/bias/running stats), its data_ptr, version counter,
+dtype, device and shape, plus eps and the run dtype: in-place updates (load_state_dict, optimizer
+steps, running stats updated by a train-mode forward) bump the version, and .to()/.half()/.cuda()
+change data_ptr or dtype, so a cached fold is never used after its sources changed. Writes
+through `tensor.data` bypass version counters: call invalidate(model) after those.
+
+Backends cache their prepacked forms of a folded weight in packed_slot(weight): it lives and dies
+with the folded weight, so it is refreshed whenever the fold is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["Folded", "fold_conv_bn", "folded", "invalidate", "packed_slot"]
+
+_ATTR = "_resnet_fast_fold"
+# Folded weight -> its backend pack cache; entries vanish when the folded weight is dropped.
+_SLOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def fold_conv_bn(
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(w', b') of conv -> BN in eval mode, in `dtype` (default: the conv weight's dtype).
+
+    Plain tensor math: traceable by torch.compile, differentiable.
+    """
+    dtype = conv_weight.dtype if dtype is None else dtype
+    math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    inv_std = torch.rsqrt(running_var.to(math) + eps)
+    scale = inv_std if bn_weight is None else bn_weight.to(math) * inv_std
+    weight = conv_weight.to(math) * scale.reshape(-1, 1, 1, 1)
+    bias = -running_mean.to(math) if conv_bias is None else conv_bias.to(math) - running_mean.to(math)
+    bias = bias * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias.to(math)
+    return weight.to(dtype), bias.to(dtype)
+
+
+@dataclass(eq=False)
+class Folded:
+    """A folded conv+BN: weight [Cout, Cin/groups, KH, KW] and bias [Cout] in the run dtype."""
+
+    weight: Tensor
+    bias: Tensor
+    packed: dict = field(default_factory=dict)  # backend prepacked forms of `weight`, see packed_slot()
+
+
+class _Cache:
+    """The per-module cache; copies and pickles of a module start empty (prepacked oneDNN tensors
+    can be neither deep-copied nor saved, and a copy's parameters live elsewhere anyway)."""
+
+    __slots__ = ("key", "entry")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.entry: Folded | None = None
+
+    def __deepcopy__(self, memo: dict) -> _Cache:
+        return _Cache()
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+
+def _signature(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+
+
+def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> Folded:
+    """The folded weight and bias of `conv` -> `bn` (eval) in `dtype`, cached on `conv`.
+
+    Needs BN running statistics. Inference tensors (made under torch.inference_mode) have no
+    version counter; their folds are computed afresh on each call, never cached.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BN folding needs running statistics (track_running_stats=True)")
+    dtype = conv.weight.dtype if dtype is None else dtype
+    sources = _sources(conv, bn)
+    cacheable = not any(t is not None and t.is_inference() for t in sources)
+    key = (dtype, bn.eps, *map(_signature, sources)) if cacheable else None
+    cache = conv.__dict__.get(_ATTR)
+    if cache is not None and key is not None and cache.key == key:
+        return cache.entry
+    with torch.no_grad():
+        weight, bias = fold_conv_bn(*sources, bn.eps, dtype)
+    entry = Folded(weight, bias)
+    if key is None:
+        return entry
+    if cache is None:
+        cache = _Cache()
+        object.__setattr__(conv, _ATTR, cache)  # a plain attribute: not a parameter, buffer or submodule
+    cache.key, cache.entry = key, entry
+    _SLOTS[weight] = entry.packed
+    return entry
+
+
+def packed_slot(weight: Tensor) -> dict | None:
+    """The dict where backends cache prepacked forms of a weight returned by folded(), else None.
+
+    Backends key their entries by whatever the packed form depends on (backend, input size...).
+    """
+    return _SLOTS.get(weight)
+
+
+def invalidate(module: nn.Module) -> None:
+    """Drop the cached folds (and prepacked weights) of `module` and its submodules.
+
+    Needed only after writes that bypass version counters (`param.data.copy_(...)`, `param.data = ...`
+    with a same-sized tensor reusing the old memory).
+    """
+    for m in module.modules():
+        m.__dict__.pop(_ATTR, None)

@@ -1,0 +1,314 @@
+"""Training batch norm (+ residual) (+ ReLU): one functional torch.library op with autograd.
+
+    y, mean, invstd = resnet_fast::bn_act_train(x, weight, bias, residual, relu, eps)
+    y = act((x - mean) * invstd * weight + bias (+ residual)), statistics over all dims but 1
+
+Forward: per-channel batch mean and biased variance (tiles reduced in two passes and merged with
+Chan's (count, mean, M2) formula, never E[x^2] - E[x]^2), then one apply pass
+y = act(x * scale + shift (+ residual)) with scale = weight * invstd, shift = bias - mean * scale.
+Backward (resnet_fast::bn_act_backward): one reduction pass, sums of dy' and dy' * (x - mean) per
+channel with dy' = dy masked where the recomputed pre-activation was <= 0, and one elementwise pass
+giving dx and the residual's gradient (dy'). Only x (kept alive anyway as the conv's output), mean
+and invstd are saved: no pre-activation tensor.
+
+Running statistics are not touched here: nn/batchnorm.py updates them from the returned mean and
+the variance, outside the op (autotuned kernels must never write buffers). The per-step kernels
+behind the ops come from `kernels_for(x)`: Triton, resnet_fast._C (C++/CUDA) or plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from .backend import backend_for
+from .fused import _layout
+
+
+class Kernels(Protocol):
+    """One backend's batch-norm kernels; x, dy, residual dense in one format, vectors in x's math type."""
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]: ...  # (mean, biased var)
+
+    def apply(
+        self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool
+    ) -> Tensor: ...
+
+    def backward_reduce(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        residual: Tensor | None,
+        mean: Tensor,
+        relu: bool,
+    ) -> tuple[Tensor, Tensor]: ...  # (sum dy', sum dy' * (x - mean))
+
+    def backward_elemt(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        residual: Tensor | None,
+        mean: Tensor,
+        ka: Tensor,
+        kb: Tensor,
+        kc: Tensor,
+        relu: bool,
+        residual_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]: ...  # (dx = ka*dy' + kb*(x - mean) + kc, dy' or None)
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The math type of the kernels (and of mean/invstd): float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cview(v: Tensor, x: Tensor) -> Tensor:
+    return v.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class TorchKernels:
+    """Plain PyTorch, the same math as the fused kernels: for the 'torch' backend and devices without kernels."""
+
+    @staticmethod
+    def _pre(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> Tensor:
+        pre = x.to(scale.dtype) * _cview(scale, x) + _cview(shift, x)
+        return pre if residual is None else pre + residual.to(scale.dtype)
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x.to(opmath(x.dtype)), dim=dims, correction=0)  # Welford in ATen
+        return mean, var
+
+    def apply(self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+        y = self._pre(x, scale, shift, residual)
+        return (torch.relu(y) if relu else y).to(x.dtype)
+
+    def _masked(self, dy, x, scale, shift, residual, relu) -> Tensor:
+        g = dy.to(scale.dtype)
+        if relu:
+            g = torch.where(self._pre(x, scale, shift, residual) > 0, g, 0)
+        return g
+
+    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
+        g = self._masked(dy, x, scale, shift, residual, relu)
+        dims = [d for d in range(x.dim()) if d != 1]
+        return g.sum(dims), (g * (x.to(mean.dtype) - _cview(mean, x))).sum(dims)
+
+    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
+        g = self._masked(dy, x, scale, shift, residual, relu)
+        dx = _cview(ka, x) * g + _cview(kb, x) * (x.to(mean.dtype) - _cview(mean, x)) + _cview(kc, x)
+        return dx.to(x.dtype), (g.to(x.dtype, copy=True) if residual_grad else None)  # never dy itself
+
+
+class CppKernels:
+    """resnet_fast._C: C++ (at::vec, at::parallel_for; AVX2+FMA where the CPU has it) on the CPU, CUDA C++
+    on GPUs. The apply pass is bn_apply (the CPU arithmetic the backward's mask recomputes)."""
+
+    def stats(self, x):
+        return _ext.load().bn_stats(x)
+
+    def apply(self, x, scale, shift, residual, relu):
+        return _ext.load().bn_apply(x, scale, shift, residual, relu)
+
+    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
+        return _ext.load().bn_backward_reduce(dy, x, scale, shift, residual, mean, relu)
+
+    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
+        return _ext.load().bn_backward_elemt(
+            dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad
+        )
+
+
+class TritonKernels:
+    """Triton kernels (kernels/triton/batchnorm.py) and the shared scale_shift_act for the apply pass."""
+
+    def stats(self, x):
+        from ..kernels.triton import batchnorm
+
+        return batchnorm.stats(x)
+
+    def apply(self, x, scale, shift, residual, relu):
+        from ..kernels.triton import elementwise
+
+        return elementwise.scale_shift_act(x, scale, shift, residual, relu)
+
+    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
+        from ..kernels.triton import batchnorm
+
+        return batchnorm.backward_reduce(dy, x, scale, shift, residual, mean, relu)
+
+    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
+        from ..kernels.triton import batchnorm
+
+        return batchnorm.backward_elemt(dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad)
+
+
+_KERNELS: dict[str, Kernels] = {"triton": TritonKernels(), "cpp": CppKernels(), "torch": TorchKernels()}
+
+
+def kernels_for(x: Tensor) -> Kernels:
+    """The batch-norm kernels of the backend that runs on x's device (Triton's compute in float32:
+    float64 runs the PyTorch kernels there)."""
+    backend = backend_for(x.device)
+    if backend == "triton" and x.dtype == torch.float64:
+        backend = "torch"
+    return _KERNELS[backend]
+
+
+# ------------------------------------------------------------------------------------- shared math
+
+
+def scale_shift(
+    weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel scale = weight * invstd, shift = bias - mean * scale in mean's dtype.
+
+    The one place this is computed: forward and backward get bit-identical values, so the backward's
+    recomputed ReLU mask is the forward's.
+    """
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(mean.dtype) - mean * scale
+    return scale, shift
+
+
+class GradCoefficients(NamedTuple):
+    ka: Tensor
+    kb: Tensor
+    kc: Tensor
+
+
+def grad_coefficients(scale: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xmu: Tensor, count: int | Tensor):
+    """dx = ka*dy' + kb*(x - mean) + kc, the batch-norm input gradient with batch statistics:
+    dx = w*invstd * (dy' - mean(dy') - x_hat * mean(dy' * x_hat)), x_hat = (x - mean) * invstd."""
+    kb = -scale * invstd * invstd * sum_dy_xmu / count
+    kc = -scale * sum_dy / count
+    return GradCoefficients(scale, kb, kc)
+
+
+def check_inputs(
+    op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None
+) -> None:
+    if not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"{op}: expected a floating-point input [N, C, ...], got {x.dtype} {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None and (v.shape != (c,) or v.device != x.device):
+            raise ValueError(f"{op}: {name} must be [{c}] on {x.device}, got {tuple(v.shape)} on {v.device}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"{op}: residual must match the input ({tuple(x.shape)}, {x.dtype}), "
+            f"got {tuple(residual.shape)}, {residual.dtype}"
+        )
+
+
+def _dense(t: Tensor | None, fmt: torch.memory_format) -> Tensor | None:
+    return None if t is None else t.contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("resnet_fast::bn_act_train", mutates_args=())
+def bn_act_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, relu: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, invstd): batch norm with batch statistics (+ residual) (+ ReLU).
+
+    mean, biased var and invstd = 1/sqrt(var + eps) are per channel in the math type (float32, float64
+    for float64 x); y has x's dtype and layout.
+    """
+    check_inputs("bn_act_train", x, weight, bias, residual)
+    fmt = _layout(x)
+    x, residual = x.contiguous(memory_format=fmt), _dense(residual, fmt)
+    k = kernels_for(x)
+    mean, var = k.stats(x)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = scale_shift(weight, bias, mean, invstd)
+    y = k.apply(x, scale, shift, residual, relu)
+    return y.contiguous(memory_format=fmt), mean, var, invstd
+
+
+@bn_act_train.register_fake
+def _(x, weight, bias, residual, relu, eps):
+    c, dt = x.shape[1], opmath(x.dtype)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+    return y, x.new_empty(c, dtype=dt), x.new_empty(c, dtype=dt), x.new_empty(c, dtype=dt)
+
+
+@torch.library.custom_op("resnet_fast::bn_act_backward", mutates_args=())
+def bn_act_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual) of bn_act_train; each of the last three is empty when its input is None."""
+    fmt = _layout(x)
+    x, grad_y, residual = (
+        x.contiguous(memory_format=fmt),
+        grad_y.contiguous(memory_format=fmt),
+        _dense(residual, fmt),
+    )
+    k = kernels_for(x)
+    scale, shift = scale_shift(weight, bias, mean, invstd)
+    sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, residual, mean, relu)
+    ka, kb, kc = grad_coefficients(scale, invstd, sum_dy, sum_dy_xmu, x.numel() // x.shape[1])
+    dx, dres = k.backward_elemt(
+        grad_y, x, scale, shift, residual, mean, ka, kb, kc, relu, residual is not None
+    )
+    dweight = x.new_empty(0) if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
+    dbias = x.new_empty(0) if bias is None else sum_dy.to(bias.dtype)
+    dres = x.new_empty(0) if dres is None else dres.contiguous(memory_format=fmt)
+    return dx.contiguous(memory_format=fmt), dweight, dbias, dres
+
+
+@bn_act_backward.register_fake
+def _(grad_y, x, weight, bias, residual, mean, invstd, relu):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+    dweight = x.new_empty(0) if weight is None else weight.new_empty(weight.shape)
+    dbias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    dres = x.new_empty(0) if residual is None else torch.empty_like(dx)
+    return dx, dweight, dbias, dres
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, residual, relu, _ = inputs
+    _, mean, var, invstd = output
+    ctx.relu = relu
+    ctx.has = (weight is not None, bias is not None, residual is not None)
+    ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+    ctx.mark_non_differentiable(mean, var, invstd)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_var, _grad_invstd):
+    x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    dx, dweight, dbias, dres = bn_act_backward(grad_y, x, weight, bias, residual, mean, invstd, ctx.relu)
+    has_w, has_b, has_r = ctx.has
+    return dx, dweight if has_w else None, dbias if has_b else None, dres if has_r else None, None, None
+
+
+bn_act_train.register_autograd(_backward, setup_context=_setup)
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): act(batch_norm(x) (+ residual)) with batch statistics, through the fused op."""
+    y, mean, var, _ = bn_act_train(x, weight, bias, residual, relu, eps)
+    return y, mean, var

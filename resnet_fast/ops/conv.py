@@ -1,0 +1,260 @@
+"""resnet_fast::conv_bias_act and resnet_fast::scale_shift_act: the eval-mode fused ops.
+
+conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups)
+    act(conv2d(x, w) + b (+ residual)); the output is channels_last. With BN folded into w and b
+    (resnet_fast.fold) this is a whole Conv -> BN (-> +identity) (-> ReLU).
+scale_shift_act(x, scale, shift, residual, relu)
+    act(x * scale[c] + shift[c] (+ residual)) over channel dim 1 (eval BN when the conv is not
+    fused); the output keeps x's layout.
+
+Each backend has one entry in the impl tables below. The schemas take plain dense tensors, so
+fake tensors and torch.compile(fullgraph=True) work; prepacked weights stay behind the cache of
+folded weights (fold.packed_slot), consulted by the backend impls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext, fold
+from .backend import backend_for
+from .fused import _layout
+
+__all__ = ["conv_bias_act", "conv_route", "scale_shift_act"]
+
+_CL = torch.channels_last
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+# ---- reference ("torch") implementations: unfused PyTorch in the input dtype ----
+
+
+def _conv_torch(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+    out = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+def _scale_shift_torch(x, scale, shift, residual, relu) -> Tensor:
+    out = x * _channel_view(scale, x).to(x.dtype) + _channel_view(shift, x).to(x.dtype)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+# ---- resnet_fast._C ("cpp") ----
+
+
+# oneDNN picks a weight format per input shape (batch 1 and batch 8 differ); a pack made for another
+# shape still runs, but reorders on every call. A few packs per weight cover the usual serving shapes.
+_MAX_PACKS_PER_WEIGHT = 4
+
+
+def _conv_cpp(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+    C = _ext.load()
+    slot = fold.packed_slot(w)
+    if slot is not None:
+        # A folded (persistent) weight: prepack once per route, conv geometry and input shape.
+        key = ("cpp", C.conv_route(x.device.type, x.dtype), *stride, *padding, *dilation, groups, *x.shape)
+        packed = slot.get(key)
+        if packed is None:
+            ours = [k for k in slot if k[0] == "cpp"]
+            if len(ours) >= _MAX_PACKS_PER_WEIGHT:
+                del slot[ours[0]]  # the oldest
+            packed = slot[key] = C.prepack_conv_weight(w, stride, padding, dilation, groups, list(x.shape))
+        w = packed
+    return C.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups)
+
+
+# ---- Triton ("triton"), imported on first use ----
+
+
+def _conv_triton(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+    from ..kernels.triton import conv
+
+    slot = fold.packed_slot(w)
+    packed = None
+    if slot is not None:
+        key = ("triton", groups)
+        packed = slot.get(key)
+        if packed is None:
+            packed = slot[key] = conv.pack_weight(w, groups)
+    return conv.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups, packed=packed)
+
+
+def _scale_shift_triton(x, scale, shift, residual, relu) -> Tensor:
+    from ..kernels.triton import elementwise
+
+    return elementwise.scale_shift_act(x, scale, shift, residual, relu)
+
+
+_CONV = {"triton": _conv_triton, "cpp": _conv_cpp, "torch": _conv_torch}
+_SCALE_SHIFT = {
+    "triton": _scale_shift_triton,
+    "cpp": lambda x, scale, shift, residual, relu: _ext.load().scale_shift_act(
+        x, scale, shift, residual, relu
+    ),
+    "torch": _scale_shift_torch,
+}
+
+
+# ---- conv_bias_act ----
+
+
+def _conv_out_shape(x, w, stride, padding, dilation) -> list:
+    n, _, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, cout, oh, ow]
+
+
+def _check_conv(x, w, b, residual, stride, padding, dilation, groups) -> None:
+    """Clear errors for every backend (torch's own would differ from _C's and Triton's)."""
+    if x.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"conv_bias_act: expected 4-D x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"conv_bias_act: expected a floating-point input, got {x.dtype}")
+    for name, t in (("w", w), ("b", b), ("residual", residual)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(
+                f"conv_bias_act: {name} is {t.dtype} on {t.device}, the input {x.dtype} on {x.device}"
+            )
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or min(v) < low:
+            raise ValueError(f"conv_bias_act: {name} must be 2 values >= {low}, got {list(v)}")
+    if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise ValueError(
+            f"conv_bias_act: x {tuple(x.shape)}, w {tuple(w.shape)} and groups={groups} do not match"
+        )
+    out = _conv_out_shape(x, w, stride, padding, dilation)
+    if min(out[2:]) < 1:
+        raise ValueError(f"conv_bias_act: input {tuple(x.shape)} is smaller than the kernel {tuple(w.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"conv_bias_act: b must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    if residual is not None and list(residual.shape) != out:
+        raise ValueError(
+            f"conv_bias_act: residual shape {tuple(residual.shape)} != output shape {tuple(out)}"
+        )
+
+
+@torch.library.custom_op("resnet_fast::conv_bias_act", mutates_args=())
+def conv_bias_act(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """act(conv2d(x, w, b) (+ residual)), channels_last output, on the backend of x's device."""
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    _check_conv(x, w, b, residual, stride, padding, dilation, groups)
+    out = _CONV[backend_for(x.device)](x, w, b, residual, relu, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=_CL)
+
+
+@conv_bias_act.register_fake
+def _(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+    shape = _conv_out_shape(x, w, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_CL)
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, w, b, residual, relu, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, w, output if relu else None)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has_b, ctx.has_residual = b is not None, residual is not None
+
+
+def _conv_backward(ctx, grad: Tensor):
+    x, w, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    if out is not None:
+        grad = grad * (out > 0)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x = grad_w = None
+    if need_x or need_w:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, w, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+        )
+    grad_b = grad.sum((0, 2, 3)) if ctx.has_b else None
+    grad_residual = grad if ctx.has_residual else None
+    return grad_x, grad_w, grad_b, grad_residual, None, None, None, None, None
+
+
+conv_bias_act.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---- scale_shift_act ----
+
+
+def _check_scale_shift(x, scale, shift, residual) -> None:
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(
+            f"scale_shift_act: expected a floating-point [N, C, ...] input, got {x.dtype} {tuple(x.shape)}"
+        )
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v.dim() != 1 or v.numel() != x.shape[1] or not v.is_floating_point() or v.device != x.device:
+            raise ValueError(
+                f"scale_shift_act: {name} must be a 1-D floating tensor of {x.shape[1]} elements on "
+                f"{x.device}, got {v.dtype} {tuple(v.shape)} on {v.device}"
+            )
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device
+    ):
+        raise ValueError(
+            f"scale_shift_act: residual {residual.dtype} {tuple(residual.shape)} does not match the input "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
+
+
+@torch.library.custom_op("resnet_fast::scale_shift_act", mutates_args=())
+def scale_shift_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(x * scale[c] + shift[c] (+ residual)) over channel dim 1; the output has x's layout."""
+    _check_scale_shift(x, scale, shift, residual)
+    fmt = _layout(x)
+    return _SCALE_SHIFT[backend_for(x.device)](x, scale, shift, residual, relu).contiguous(memory_format=fmt)
+
+
+@scale_shift_act.register_fake
+def _(x, scale, shift, residual, relu) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+def _scale_shift_setup(ctx, inputs, output) -> None:
+    x, scale, shift, residual, relu = inputs
+    ctx.save_for_backward(x, scale, output if relu else None)
+    ctx.has_residual, ctx.shift_dtype = residual is not None, shift.dtype
+
+
+def _scale_shift_backward(ctx, grad: Tensor):
+    x, scale, out = ctx.saved_tensors
+    if out is not None:
+        grad = grad * (out > 0)
+    dims = [0, *range(2, x.dim())]
+    grad_x = grad * _channel_view(scale, x).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_scale = (grad * x).sum(dims).to(scale.dtype) if ctx.needs_input_grad[1] else None
+    grad_shift = grad.sum(dims).to(ctx.shift_dtype) if ctx.needs_input_grad[2] else None
+    grad_residual = grad if ctx.has_residual else None
+    return grad_x, grad_scale, grad_shift, grad_residual, None
+
+
+scale_shift_act.register_autograd(_scale_shift_backward, setup_context=_scale_shift_setup)
+
+
+def conv_route(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """Which convolution route resnet_fast._C takes on `device_type` for `dtype`, and why."""
+    module = _ext.load()
+    if module is None:
+        return f"none (resnet_fast._C unavailable: {_ext.reason()})"
+    return module.conv_route(device_type, dtype)

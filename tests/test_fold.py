@@ -1,0 +1,192 @@
+"""BN folding (resnet_fast.fold): the math, and a cache that never serves stale weights."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnet_fast
+from resnet_fast import fold
+from resnet_fast.kernels import reference
+from resnet_fast.nn import conv_bn_act
+
+
+def _pair(cin=8, cout=16, bias=False, affine=True, dtype=torch.float32, groups=1):
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias, groups=groups)
+    bn = nn.BatchNorm2d(cout, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.2, 2.0)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+    return conv.to(dtype).eval(), bn.to(dtype).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_fold_matches_conv_then_bn_in_float64(bias, affine, groups):
+    conv, bn = _pair(bias=bias, affine=affine, dtype=torch.float64, groups=groups)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    w, b = fold.fold_conv_bn(
+        conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )
+    assert w.dtype == b.dtype == torch.float64
+    with torch.no_grad():
+        expected = bn(conv(x))
+        actual = F.conv2d(x, w, b, padding=1, groups=groups)
+    # fp64 end to end: only rounding differences of a few ulps remain.
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_math_runs_in_float32_for_16_bit_params():
+    conv, bn = _pair(dtype=torch.bfloat16)
+    w, b = fold.fold_conv_bn(
+        conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )
+    conv32, bn32 = copy.deepcopy(conv).float(), copy.deepcopy(bn).float()
+    w32, b32 = fold.fold_conv_bn(
+        conv32.weight, None, bn32.weight, bn32.bias, bn32.running_mean, bn32.running_var, bn32.eps
+    )
+    # One rounding of the fp32 result, not bf16 arithmetic at every step.
+    assert torch.equal(w, w32.bfloat16()) and torch.equal(b, b32.bfloat16())
+
+
+def test_folded_is_cached_until_a_source_changes():
+    conv, bn = _pair()
+    first = fold.folded(conv, bn)
+    assert fold.folded(conv, bn) is first
+    assert fold.packed_slot(first.weight) is first.packed
+    with torch.no_grad():
+        bn.running_var.mul_(2.0)
+    second = fold.folded(conv, bn)
+    assert second is not first
+    assert fold.folded(conv, bn, torch.float64) is not second  # another run dtype, another fold
+    assert fold.packed_slot(torch.zeros(1)) is None
+
+
+def _check_eval(conv, bn, x, residual=None):
+    """The fused eval path (cached fold) against conv -> BN with the current parameters."""
+    with torch.no_grad():
+        actual = conv_bn_act(x, conv, bn, residual)
+        expected = reference.conv_bn_act(x, conv, bn, None if residual is None else residual.clone())
+    scale = expected.abs().max()
+    tol = 1e-5 if x.dtype == torch.float64 else 1e-4  # fp32: folding reorders the products
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request):
+    resnet_fast.set_backend(request.param)
+    return request.param
+
+
+def _x(dtype=torch.float32):
+    return torch.randn(2, 8, 10, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def test_fresh_after_load_state_dict(backend):
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    donor_conv, donor_bn = _pair()
+    conv.load_state_dict(donor_conv.state_dict())
+    bn.load_state_dict(donor_bn.state_dict())
+    _check_eval(conv, bn, x)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fresh_after_optimizer_step(backend, foreach):
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    params = [*conv.parameters(), *bn.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9, foreach=foreach)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    _check_eval(conv, bn, x)
+
+
+def test_fresh_after_dtype_change(backend):
+    conv, bn = _pair()
+    _check_eval(conv, bn, _x())
+    conv.double(), bn.double()
+    _check_eval(conv, bn, _x(torch.float64))
+    conv.float(), bn.float()
+    _check_eval(conv, bn, _x())
+
+
+def test_fresh_after_train_then_eval(backend):
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    conv.train(), bn.train()
+    with torch.no_grad():
+        conv_bn_act(x * 3 + 1, conv, bn)  # updates the running statistics in place
+    conv.eval(), bn.eval()
+    _check_eval(conv, bn, x)
+
+
+def test_fresh_after_in_place_edits_and_eps(backend):
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(
+        conv, bn, x, residual=torch.randn(2, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    )
+    with torch.no_grad():
+        conv.weight.mul_(-1)
+        bn.bias.add_(1)
+    _check_eval(conv, bn, x)
+    bn.eps = 0.5
+    _check_eval(conv, bn, x)
+
+
+def test_writes_through_data_need_invalidate(backend):
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    bn.weight.data.mul_(3)  # bypasses the version counter: documented, fixed by invalidate()
+    fold.invalidate(conv)
+    _check_eval(conv, bn, x)
+
+
+def test_prepacked_weights_follow_the_fold(backend):
+    if backend != "cpp":
+        pytest.skip("prepacking is a cpp-backend cache")
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    entry = fold.folded(conv, bn)
+    assert len(entry.packed) == 1  # prepacked once, on the first call
+    _check_eval(conv, bn, x)
+    assert fold.folded(conv, bn) is entry and len(entry.packed) == 1
+    with torch.no_grad():
+        conv.weight.add_(0.1)
+    _check_eval(conv, bn, x)
+    assert fold.folded(conv, bn) is not entry
+
+
+def test_copies_and_pickles_of_a_model_with_cached_folds(backend):
+    model = resnet_fast.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        clone = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_folded_needs_running_stats():
+    conv = nn.Conv2d(3, 4, 1)
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="running statistics"):
+        fold.folded(conv, bn)
