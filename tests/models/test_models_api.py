@@ -13,8 +13,14 @@ import resnet_fast
 
 def _assert_same_outputs(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
     theirs_, x_ = like_fused(theirs, x)
+    # The reference path runs torchvision's exact ops: 1e-5. Fused eval folds BN into the conv
+    # weights, which reorders fp32 rounding through ~50 layers: 1e-4 relative to the logits' scale.
+    fused = resnet_fast.ops.backend_for(x.device) != "torch"
+    tol = 1e-4 if fused else 1e-5
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(x), theirs_.eval()(x_), rtol=1e-5, atol=1e-5)
+        expected = theirs_.eval()(x_)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(ours.eval()(x), expected, rtol=tol, atol=tol * scale)
 
 
 def test_state_dict_round_trips_both_ways():
