@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, fold
+from . import layer_choice
 from .backend import backend_for
 from .fused import _layout
 
@@ -85,7 +86,21 @@ def _conv_triton(x, w, b, residual, relu, stride, padding, dilation, groups) -> 
         packed = slot.get(key)
         if packed is None:
             packed = slot[key] = conv.pack_weight(w, groups)
-    return conv.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups, packed=packed)
+
+    def triton_conv() -> Tensor:
+        return conv.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups, packed=packed)
+
+    def cudnn_conv() -> Tensor:
+        # cuDNN conv (channels_last in, channels_last out), then the Triton epilogue.
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+        shift = b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
+        return _scale_shift_triton(y, torch.ones_like(shift), shift, residual, relu)
+
+    key = layer_choice.conv_key(
+        tuple(x.shape), tuple(w.shape), x.dtype, stride, padding, dilation, groups, residual is not None
+    )
+    path = layer_choice.choose(key, {"triton": triton_conv, "cudnn": cudnn_conv})
+    return triton_conv() if path == "triton" else cudnn_conv()
 
 
 def _scale_shift_triton(x, scale, shift, residual, relu) -> Tensor:
