@@ -33,6 +33,7 @@ CONTENDERS = {
     "compile": "torch.compile(torchvision) default mode, dynamic=False; CPU inference with Inductor freezing",
     "compile-max-autotune": "torch.compile(torchvision, mode='max-autotune'), dynamic=False",
     "resnet_fast-compile": "torch.compile(resnet_fast), same settings as 'compile'",
+    "resnet_fast-cudagraph": "resnet_fast eager captured once in a CUDA graph (torch.cuda.graph), replayed",
     "onnxruntime": "onnxruntime CPUExecutionProvider on the torchvision model exported to ONNX (float32 only)",
     "openvino": "OpenVINO CPU on the converted torchvision model (inference precision = --dtype)",
 }
@@ -41,9 +42,13 @@ PEERS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",)}
 _COMPILED = ("compile", "compile-max-autotune", "resnet_fast-compile")
 
 
-def default_contenders(device: torch.device) -> list[str]:
+def default_contenders(device: torch.device, mode: str = "infer") -> list[str]:
     names = ["resnet_fast", "torchvision", "torchvision-cl", "compile"]
-    return names + ["compile-max-autotune"] if device.type == "cuda" else names
+    if device.type == "cuda":
+        names.append("compile-max-autotune")
+        if mode == "infer":
+            names.append("resnet_fast-cudagraph")
+    return names
 
 
 def _missing_modules(peer: str) -> list[str]:
@@ -91,8 +96,10 @@ def build(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setup
     import resnet_fast
 
     model = copy.deepcopy(base).to(s.device, s.dtype).train(s.mode == "train")
-    if name in ("resnet_fast", "resnet_fast-compile"):
+    if name in ("resnet_fast", "resnet_fast-compile", "resnet_fast-cudagraph"):
         model = resnet_fast.from_torchvision(model)
+    if name == "resnet_fast-cudagraph":
+        return _cuda_graph_step(model, x)
     if name == "torchvision-cl":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -105,6 +112,27 @@ def build(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setup
             warnings.simplefilter("ignore", category=DeprecationWarning)
             return _peer_step(name, model, x, s)
     return _torch_step(model, x, y, s)
+
+
+def _cuda_graph_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Inference replayed from one CUDA graph: no Python or launch overhead per layer."""
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # Warm-up outside the capture: per-layer choices are measured and Triton autotunes here.
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_x)
+
+    def step() -> object:
+        graph.replay()
+        return static_out
+
+    return step
 
 
 def _peer_step(name: str, model: nn.Module, x: torch.Tensor, s: Setup) -> Callable[[], object]:
@@ -137,6 +165,8 @@ def check_contenders(names: list[str], device: torch.device, dtype: torch.dtype,
     for name in names:
         if name not in CONTENDERS:
             raise UsageError(f"unknown contender {name!r}; expected some of {', '.join(CONTENDERS)}")
+        if name == "resnet_fast-cudagraph" and (device.type != "cuda" or mode != "infer"):
+            raise UsageError("contender resnet_fast-cudagraph runs on CUDA in --mode infer only")
         if name in PEERS:
             missing = _missing_modules(name)
             if missing:
@@ -161,7 +191,7 @@ def resolve_contenders(
     if args.contenders:
         names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     else:
-        names = default_contenders(device)
+        names = default_contenders(device, args.mode)
         if args.peers:
             for peer in PEERS:
                 missing = _missing_modules(peer)
@@ -399,6 +429,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PATH", help="write a PNG of img/s vs batch size (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
+
+
+def build_parser_args(**overrides: object) -> argparse.Namespace:
+    """The bench arguments with their command-line defaults, for scripts (benchmarks/gpu_infer.py)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--no-progress"])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown bench argument {key!r}")
+        setattr(args, key, value)
+    return args
 
 
 def main(args: argparse.Namespace) -> int:

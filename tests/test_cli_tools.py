@@ -278,3 +278,13 @@ def test_gpu_check_script_parses():
     script = REPO / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert os.access(script, os.X_OK)
+
+
+def test_cuda_graph_contender_is_refused_off_gpu():
+    from resnet_fast import bench
+    from resnet_fast._timing import UsageError
+
+    with pytest.raises(UsageError, match="resnet_fast-cudagraph runs on CUDA"):
+        bench.check_contenders(["resnet_fast-cudagraph"], torch.device("cpu"), torch.float32, "infer")
+    assert "resnet_fast-cudagraph" not in bench.default_contenders(torch.device("cpu"))
+    assert bench.build_parser_args(batch_size=[1, 2]).batch_size == [1, 2]
