@@ -11,6 +11,13 @@ from .nn import convert_sync_batchnorm  # noqa: E402
 from .ops import BackendUnavailable, get_backend, set_backend  # noqa: E402
 
 
+def explain(model, input_shape, device=None) -> list[dict]:
+    """Per conv of `model`: input shape, backend and path taken (Triton: measured times too)."""
+    from ._explain import explain as _explain
+
+    return _explain(model, input_shape, device)
+
+
 def info() -> dict:
     """Versions, devices, and which backends are usable here (and why not)."""
     from .info import info as _info
@@ -18,4 +25,12 @@ def info() -> dict:
     return _info()
 
 
-__all__ = [*_models_all, "BackendUnavailable", "convert_sync_batchnorm", "get_backend", "info", "set_backend"]
+__all__ = [
+    *_models_all,
+    "BackendUnavailable",
+    "convert_sync_batchnorm",
+    "explain",
+    "get_backend",
+    "info",
+    "set_backend",
+]

@@ -78,7 +78,11 @@ def fused_ops() -> list[str]:
     """The fused ops resnet_fast.ops offers today (they grow as backends land)."""
     from . import ops
 
-    return [name for name in ("add_relu", "conv_bias_act", "scale_shift_act", "bn_act") if hasattr(ops, name)]
+    return [
+        name
+        for name in ("add_relu", "conv_bias_act", "scale_shift_act", "bn_act_train")
+        if hasattr(ops, name)
+    ]
 
 
 # --- timing -------------------------------------------------------------------------------------

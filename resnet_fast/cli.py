@@ -13,7 +13,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, info
 
     data = info()
-    print(json.dumps(data, indent=2, default=str) if args.json else format_info(data))
+    if args.model:
+        from . import models
+        from ._explain import explain, format_explain
+
+        if args.model not in models.BUILDERS:
+            print(f"resnet-fast info: error: unknown model {args.model!r}", file=sys.stderr)
+            return 2
+        device = args.device
+        model = models.BUILDERS[args.model]().to(device)
+        data["layers"] = explain(model, tuple(args.input_shape), device)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(format_info(data))
+        if args.model:
+            print(format_explain(data["layers"]))
     return 0
 
 
@@ -22,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices, and which backends are usable here")
     p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_info.add_argument("--model", help="also list each conv of this model with the path it takes")
+    p_info.add_argument("--device", default="cpu", help="device for --model (default cpu)")
+    p_info.add_argument(
+        "--input-shape", type=int, nargs=4, default=[1, 3, 224, 224], metavar=("N", "C", "H", "W")
+    )
     p_info.set_defaults(func=_cmd_info)
     train.add_parser(sub)
     bench.add_parser(sub)

@@ -1,0 +1,107 @@
+"""Which path each conv of a model takes on the active backend, and (Triton) the measured times."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import backend, conv_route, layer_choice
+
+
+def explain(
+    model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device | None = None
+) -> list[dict]:
+    """One row per Conv2d of `model` in eval mode for an input of `input_shape` (N, C, H, W).
+
+    Runs the model once on zeros (which, on the Triton backend, measures and caches each conv
+    shape's choice), then reports per layer: input shape, backend, path and, where measured,
+    the Triton and cuDNN times in ms.
+    """
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    shapes: dict[str, tuple[int, ...]] = {}
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def recorder(name):
+        def hook(module, args):
+            shapes[name] = tuple(args[0].shape)
+
+        return hook
+
+    x = torch.zeros(input_shape, device=device, dtype=param.dtype)
+    was_training, previous = model.training, backend._override
+    model.eval()
+    try:
+        # Shapes from an unfused run (hooks make every conv run unfused), then the fused run.
+        backend._override = "torch"
+        handles = [m.register_forward_pre_hook(recorder(n)) for n, m in convs.items()]
+        with torch.no_grad():
+            model(x)
+        for h in handles:
+            h.remove()
+        backend._override = previous
+        with torch.no_grad():
+            model(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        backend._override = previous
+        model.train(was_training)
+
+    name_of_backend = backend.backend_for(device)
+    tails = _block_tails(model)
+    rows = []
+    for name, conv in convs.items():
+        row = {
+            "layer": name,
+            "input": list(shapes.get(name, ())),
+            "weight": list(conv.weight.shape),
+            "stride": list(conv.stride),
+            "backend": name_of_backend,
+            "path": "unfused PyTorch",
+            "triton_ms": None,
+            "cudnn_ms": None,
+        }
+        if name_of_backend == "cpp":
+            row["path"] = conv_route(device.type, param.dtype)
+        elif name_of_backend == "triton" and name in shapes:
+            key = layer_choice.conv_key(
+                shapes[name],
+                tuple(conv.weight.shape),
+                param.dtype,
+                list(conv.stride),
+                list(conv.padding),
+                list(conv.dilation),
+                conv.groups,
+                has_residual=name in tails,
+            )
+            choice = layer_choice.CACHE.get(key)
+            if choice is not None:
+                row.update(path=choice.path, triton_ms=choice.triton_ms, cudnn_ms=choice.cudnn_ms)
+            else:
+                row["path"] = "not measured (run unfused or captured)"
+        rows.append(row)
+    return rows
+
+
+def _block_tails(model: nn.Module) -> set[str]:
+    """Names of the convs whose epilogue adds the residual: the last conv of each block."""
+    from .models.resnet import BasicBlock, Bottleneck
+
+    tails = set()
+    for name, m in model.named_modules():
+        if isinstance(m, BasicBlock):
+            tails.add(f"{name}.conv2")
+        elif isinstance(m, Bottleneck):
+            tails.add(f"{name}.conv3")
+    return tails
+
+
+def format_explain(rows: list[dict]) -> str:
+    lines = [f"{'layer':28s} {'input':22s} {'weight':18s} {'backend':7s} path"]
+    for r in rows:
+        times = ""
+        if r["triton_ms"] is not None:
+            times = f"  (triton {r['triton_ms']:.3f} ms, cudnn {r['cudnn_ms']:.3f} ms)"
+        lines.append(
+            f"{r['layer']:28s} {str(r['input']):22s} {str(r['weight']):18s} {r['backend']:7s} {r['path']}{times}"
+        )
+    return "\n".join(lines)
