@@ -8,6 +8,7 @@ the figure is the median over rounds. GPU work is synchronized before each clock
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -27,6 +28,16 @@ class UsageError(ValueError):
 
 
 # --- argument checks (one place for bench and validate) ---------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--arch, --device, --dtype, --backend: shared by `bench` and `validate`."""
+    p.add_argument(
+        "--arch", default="resnet50", help="a resnet_fast / torchvision builder name (default resnet50)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    p.add_argument("--backend", default="auto", help="resnet_fast backend: auto, triton, cpp or torch")
 
 
 def check_arch(arch: str) -> Callable[..., torch.nn.Module]:

@@ -402,11 +402,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="throughput of resnet_fast vs torchvision eager, torch.compile (and peers)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--arch", default="resnet50", help="a resnet_fast / torchvision builder name (default resnet50)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(_timing.DTYPES)} (default float32)")
+    _timing.add_model_args(p)
     p.add_argument(
         "--batch-size", type=int, nargs="+", default=[8], help="one or more batch sizes (default 8)"
     )
@@ -417,7 +413,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="infer",
         help="infer: forward under no_grad; train: forward + loss + backward + SGD step (default infer)",
     )
-    p.add_argument("--backend", default="auto", help="resnet_fast backend: auto, triton, cpp or torch")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per batch size (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per contender (default 2)")
     p.add_argument("--contenders", help=f"comma-separated, from: {', '.join(CONTENDERS)}")

@@ -333,12 +333,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="numerics of resnet_fast vs torchvision (exit status 1 past tolerance)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--arch", default="resnet50", help="a resnet_fast / torchvision builder name (default resnet50)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(_timing.DTYPES)} (default float32)")
-    p.add_argument("--backend", default="auto", help="resnet_fast backend: auto, triton, cpp or torch")
+    _timing.add_model_args(p)
     p.add_argument(
         "--mode",
         choices=("eval", "train"),
