@@ -242,34 +242,34 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
-                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu) {
   const char* op = "bn_backward_reduce";
   check_bn(x, op);
   const auto x_ = x.contiguous(x.suggest_memory_format());
   const auto dy_ = like_input(dy, x, op, "grad");
-  const auto res_ = like_input(residual, x, op, "residual");
+  const auto out_ = like_input(output, x, op, "output");
   const auto scale_ = channel_vector(scale, x, op, "scale");
   const auto shift_ = channel_vector(shift, x, op, "shift");
   const auto mean_ = channel_vector(mean, x, op, "mean");
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(x.device());
-    return cuda::bn_backward_reduce(dy_, x_, scale_, shift_, res_, mean_, relu);
+    return cuda::bn_backward_reduce(dy_, x_, scale_, shift_, out_, mean_, relu);
 #endif
   }
-  return cpu::bn_backward_reduce(dy_, x_, scale_, shift_, res_, mean_, relu);
+  return cpu::bn_backward_reduce(dy_, x_, scale_, shift_, out_, mean_, relu);
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-    const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb,
+    const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb,
     const at::Tensor& kc, bool relu, bool residual_grad) {
   const char* op = "bn_backward_elemt";
   check_bn(x, op);
   const auto x_ = x.contiguous(x.suggest_memory_format());
   const auto dy_ = like_input(dy, x, op, "grad");
-  const auto res_ = like_input(residual, x, op, "residual");
+  const auto out_ = like_input(output, x, op, "output");
   const auto scale_ = channel_vector(scale, x, op, "scale");
   const auto shift_ = channel_vector(shift, x, op, "shift");
   const auto mean_ = channel_vector(mean, x, op, "mean");
@@ -282,10 +282,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(x.device());
-    cuda::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, res_, mean_, ka_, kb_, kc_, relu);
+    cuda::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, out_, mean_, ka_, kb_, kc_, relu);
 #endif
   } else {
-    cpu::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, res_, mean_, ka_, kb_, kc_, relu);
+    cpu::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, out_, mean_, ka_, kb_, kc_, relu);
   }
   return {dx, dres};
 }
@@ -323,12 +323,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("relu"));
   m.def("bn_kernels_isa", &resnet_fast::cpu::bn_kernels_isa, "which build of the CPU batch-norm kernels runs here");
   m.def("bn_backward_reduce", &resnet_fast::bn_backward_reduce,
-        "per-channel (sum dy', sum dy' * (x - mean)), dy' = dy masked by relu(x*scale + shift (+ residual))",
-        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("mean"),
+        "per-channel (sum dy', sum dy' * (x - mean)), dy' = dy where output > 0, or where x*scale + shift > 0 "
+        "when output is None (dy' = dy without relu)",
+        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("output"), py::arg("mean"),
         py::arg("relu"));
   m.def("bn_backward_elemt", &resnet_fast::bn_backward_elemt,
         "(dx = ka*dy' + kb*(x - mean) + kc per channel, dy' or None): the batch-norm input and residual grads",
-        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("mean"),
+        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("output"), py::arg("mean"),
         py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
   m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
         "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));

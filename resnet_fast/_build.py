@@ -110,7 +110,7 @@ def prepare_env(cuda_home: str | None) -> None:
 
 def extension_kwargs(with_cuda: bool) -> dict:
     """Arguments shared by CppExtension/CUDAExtension and cpp_extension.load."""
-    cxx = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension for the running torch
+    cxx = ["-O3", *openmp_flags()]  # the C++ standard is chosen by torch.utils.cpp_extension
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
     if with_cuda:
         cxx.append("-DWITH_CUDA")
@@ -119,4 +119,16 @@ def extension_kwargs(with_cuda: bool) -> dict:
         "include_dirs": [str(CSRC / "include"), *nvidia_pip_dirs("include")],
         "library_dirs": nvidia_pip_dirs("lib"),
         "extra_compile_args": {"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        "extra_link_args": openmp_flags(),
     }
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch's at::parallel_for runs on OpenMP: its inline code parallelises only when
+    the including file is compiled with OpenMP, so without the flag every C++ kernel runs on one
+    thread. The runtime linked is the one torch already loaded (same soname, libgomp.so.1)."""
+    import torch
+
+    if not torch._C.has_openmp or sys.platform != "linux":
+        return []
+    return ["-fopenmp"]

@@ -60,7 +60,7 @@ def _jit_build() -> ModuleType:
         extra_include_paths=kwargs["include_dirs"],
         extra_cflags=flags["cxx"],
         extra_cuda_cflags=flags.get("nvcc"),
-        extra_ldflags=[f"-L{d}" for d in kwargs["library_dirs"]],
+        extra_ldflags=[f"-L{d}" for d in kwargs["library_dirs"]] + kwargs["extra_link_args"],
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         verbose=False,

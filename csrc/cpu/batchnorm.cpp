@@ -57,27 +57,27 @@ void bn_apply_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& scale, c
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
-                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu) {
   auto sum_dy = at::empty({x.size(1)}, mean.options()), sum_dy_xmu = at::empty({x.size(1)}, mean.options());
 #if RF_BN_HAVE_AVX2
   if (use_avx2()) {
-    avx2::backward_reduce(dy, x, scale, shift, residual, mean, relu, sum_dy, sum_dy_xmu);
+    avx2::backward_reduce(dy, x, scale, shift, output, mean, relu, sum_dy, sum_dy_xmu);
     return {sum_dy, sum_dy_xmu};
   }
 #endif
-  baseline::backward_reduce(dy, x, scale, shift, residual, mean, relu, sum_dy, sum_dy_xmu);
+  baseline::backward_reduce(dy, x, scale, shift, output, mean, relu, sum_dy, sum_dy_xmu);
   return {sum_dy, sum_dy_xmu};
 }
 
 void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
                            const at::Tensor& scale, const at::Tensor& shift,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka,
                            const at::Tensor& kb, const at::Tensor& kc, bool relu) {
 #if RF_BN_HAVE_AVX2
-  if (use_avx2()) return avx2::backward_elemt(dx, dres, dy, x, scale, shift, residual, mean, ka, kb, kc, relu);
+  if (use_avx2()) return avx2::backward_elemt(dx, dres, dy, x, scale, shift, output, mean, ka, kb, kc, relu);
 #endif
-  baseline::backward_elemt(dx, dres, dy, x, scale, shift, residual, mean, ka, kb, kc, relu);
+  baseline::backward_elemt(dx, dres, dy, x, scale, shift, output, mean, ka, kb, kc, relu);
 }
 
 }  // namespace cpu

@@ -52,15 +52,15 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& scale, const at
   avx2_impl::apply(y, x, scale, shift, residual, relu);
 }
 void backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                     const std::optional<at::Tensor>& residual, const at::Tensor& mean, bool relu,
+                     const std::optional<at::Tensor>& output, const at::Tensor& mean, bool relu,
                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
-  avx2_impl::backward_reduce(dy, x, scale, shift, residual, mean, relu, sum_dy, sum_dy_xmu);
+  avx2_impl::backward_reduce(dy, x, scale, shift, output, mean, relu, sum_dy, sum_dy_xmu);
 }
 void backward_elemt(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
-                    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& output,
                     const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& kc,
                     bool relu) {
-  avx2_impl::backward_elemt(dx, dres, dy, x, scale, shift, residual, mean, ka, kb, kc, relu);
+  avx2_impl::backward_elemt(dx, dres, dy, x, scale, shift, output, mean, ka, kb, kc, relu);
 }
 }  // namespace avx2
 }  // namespace cpu

@@ -14,10 +14,10 @@ void stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var);
 void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
            const std::optional<at::Tensor>& residual, bool relu);
 void backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                     const std::optional<at::Tensor>& residual, const at::Tensor& mean, bool relu,
+                     const std::optional<at::Tensor>& output, const at::Tensor& mean, bool relu,
                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
 void backward_elemt(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
-                    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& output,
                     const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& kc,
                     bool relu);
 }  // namespace avx2

@@ -105,22 +105,22 @@ __global__ void stats_combine(const scalar_t* __restrict__ x, Index idx, const a
   var_out[c] = static_cast<acc_t>(m2 / n);
 }
 
-// dy masked by the ReLU of the recomputed pre-activation x*s + t (+ r), written as scale_shift_act's
+// dy masked by the ReLU: where the forward output y > 0 when it is given (torch's relu backward; the
+// residual path passes it), else where the recomputed x*s + t > 0, written as scale_shift_act's
 // (epilogue.cu) so nvcc contracts it the same way and the mask is the forward's.
 template <typename acc_t>
-__device__ __forceinline__ acc_t masked(acc_t g, acc_t x, acc_t s, acc_t t, acc_t r, bool has_r) {
+__device__ __forceinline__ acc_t recomputed_pre(acc_t x, acc_t s, acc_t t) {
   acc_t pre = x;
   pre *= s;
   pre += t;
-  if (has_r) pre = pre + r;
-  return pre > acc_t(0) ? g : acc_t(0);
+  return pre;
 }
 
 template <typename scalar_t, typename acc_t>
 struct Bwd {
   const scalar_t* dy;
   const scalar_t* x;
-  const scalar_t* r;
+  const scalar_t* y;  // the forward output, or nullptr
   const acc_t* s;
   const acc_t* t;
   const acc_t* mean;
@@ -128,7 +128,8 @@ struct Bwd {
   __device__ __forceinline__ acc_t grad(int64_t o, int64_t c, acc_t xv) const {
     const acc_t g = static_cast<acc_t>(dy[o]);
     if (!relu) return g;
-    return masked(g, xv, s[c], t[c], r ? static_cast<acc_t>(r[o]) : acc_t(0), r != nullptr);
+    const acc_t pre = y ? static_cast<acc_t>(y[o]) : recomputed_pre(xv, s[c], t[c]);
+    return pre > acc_t(0) ? g : acc_t(0);
   }
 };
 
@@ -193,11 +194,11 @@ __global__ void elemt_kernel(Bwd<scalar_t, acc_t> a, Index idx, int64_t numel, c
 
 template <typename scalar_t, typename acc_t>
 Bwd<scalar_t, acc_t> bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale,
-                              const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                              const at::Tensor& shift, const std::optional<at::Tensor>& output,
                               const at::Tensor& mean, bool relu) {
   return {dy.const_data_ptr<scalar_t>(),
           x.const_data_ptr<scalar_t>(),
-          residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
+          output.has_value() ? output->const_data_ptr<scalar_t>() : nullptr,
           scale.const_data_ptr<acc_t>(),
           shift.const_data_ptr<acc_t>(),
           mean.const_data_ptr<acc_t>(),
@@ -232,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
-                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu) {
   const auto idx = make_index(x);
   const int64_t rows = x.numel() / idx.channels;
@@ -246,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, cons
     const int64_t plane = tiling.tiles * idx.channels;
     const dim3 grid((idx.channels + kCh - 1) / kCh, tiling.tiles);
     reduce_tiles<scalar_t, acc_t><<<grid, dim3(kCh, kRows), 0, stream>>>(
-        bwd_args<scalar_t, acc_t>(dy, x, scale, shift, residual, mean, relu), idx, rows, tiling.tile_rows, p,
+        bwd_args<scalar_t, acc_t>(dy, x, scale, shift, output, mean, relu), idx, rows, tiling.tile_rows, p,
         p + plane);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_combine<acc_t><<<(idx.channels + 127) / 128, 128, 0, stream>>>(
@@ -259,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, cons
 
 void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
                            const at::Tensor& scale, const at::Tensor& shift,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka,
                            const at::Tensor& kb, const at::Tensor& kc, bool relu) {
   const auto idx = make_index(x);
   const int64_t numel = x.numel();
@@ -270,7 +271,7 @@ void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     elemt_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-        bwd_args<scalar_t, acc_t>(dy, x, scale, shift, residual, mean, relu), idx, numel, ka.const_data_ptr<acc_t>(),
+        bwd_args<scalar_t, acc_t>(dy, x, scale, shift, output, mean, relu), idx, numel, ka.const_data_ptr<acc_t>(),
         kb.const_data_ptr<acc_t>(), kc.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
         dres.has_value() ? dres->mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

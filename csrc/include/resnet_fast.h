@@ -41,16 +41,16 @@ void bn_apply_out(at::Tensor& y, const at::Tensor& x, const at::Tensor& scale, c
                   const std::optional<at::Tensor>& residual, bool relu);
 // Which build of the kernels runs here: "avx2+fma" or "baseline".
 std::string bn_kernels_isa();
-// Per-channel sums of dy' and dy' * (x - mean), dy' = dy where relu's input x*scale + shift (+ residual)
-// was > 0 (dy' = dy without relu).
+// Per-channel sums of dy' and dy' * (x - mean), dy' = dy where the forward's output > 0 (as torch's
+// relu backward; the residual path passes it), else where x*scale + shift > 0 (dy' = dy without relu).
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
-                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu);
 // dx = ka[c] * dy' + kb[c] * (x - mean[c]) + kc[c]; dres = dy' when given.
 void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
                            const at::Tensor& scale, const at::Tensor& shift,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka,
                            const at::Tensor& kb, const at::Tensor& kc, bool relu);
 }  // namespace cpu
 
@@ -66,11 +66,11 @@ std::string conv_route(at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
-                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu);
 void bn_backward_elemt_out(at::Tensor& dx, std::optional<at::Tensor>& dres, const at::Tensor& dy, const at::Tensor& x,
                            const at::Tensor& scale, const at::Tensor& shift,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& ka,
+                           const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka,
                            const at::Tensor& kb, const at::Tensor& kc, bool relu);
 }  // namespace cuda
 #endif

@@ -14,7 +14,7 @@ from urllib.error import URLError
 import torch
 from torch import Tensor, nn
 
-from ..nn import ConvBN, conv_bn_act, to_model_layout
+from ..nn import ConvBN, conv_bn_act, max_pool2d, to_model_layout
 
 __all__ = [
     "ResNet",
@@ -276,7 +276,7 @@ class ResNet(nn.Module):
         self._check_input(x)
         x = to_model_layout(x)
         x = conv_bn_act(x, self.conv1, self.bn1)
-        x = self.maxpool(x)
+        x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
 
         x = self.layer1(x)
         x = self.layer2(x)

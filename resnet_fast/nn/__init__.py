@@ -2,5 +2,13 @@
 
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .fused import ConvBN, conv_bn_act, to_model_layout
+from .recompute import max_pool2d
 
-__all__ = ["ConvBN", "SyncBatchNorm", "conv_bn_act", "convert_sync_batchnorm", "to_model_layout"]
+__all__ = [
+    "ConvBN",
+    "SyncBatchNorm",
+    "conv_bn_act",
+    "convert_sync_batchnorm",
+    "max_pool2d",
+    "to_model_layout",
+]

@@ -3,6 +3,8 @@ and a SyncBatchNorm that synchronises batch statistics across processes (torch.d
 
 train_forward(bn, x, residual, relu) is what nn/fused.py runs for a train-mode BN: the fused op
 (batch statistics, apply, ReLU), then the buffers updated as nn.BatchNorm2d updates them.
+Outputs without residual carry how to rebuild them (nn/recompute.py), so the ops that consume them
+need not keep them for the backward.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import batchnorm as bnops
+from . import recompute
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -52,8 +55,10 @@ def train_forward(bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
     if isinstance(bn, SyncBatchNorm) and bn.sync_group() is not None:
         return bn.sync_forward(x, residual, relu)
     _verify_batch_size(x)
-    y, mean, var = bnops.batch_norm_act(x, bn.weight, bn.bias, residual, relu, bn.eps)
+    y, mean, var, invstd = bnops.bn_act_train(x, bn.weight, bn.bias, residual, relu, bn.eps)
     update_running_stats(bn, mean.detach(), var.detach(), x.numel() // x.shape[1])
+    if residual is None:
+        recompute.attach(y, x, bn.weight, bn.bias, mean, invstd, relu)
     return y
 
 
@@ -89,17 +94,17 @@ class _SyncBNAct(torch.autograd.Function):
         scale, shift = bnops.scale_shift(weight, bias, mean, invstd)
         y = k.apply(x, scale, shift, residual, relu)
         update_running_stats(bn, mean, var, count)
-        ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.relu, ctx.group, ctx.count = relu, group, count
+        ctx.save_for_backward(x, weight, bias, bnops.mask_source(y, residual, relu), mean, invstd)
+        ctx.relu, ctx.group, ctx.count, ctx.has_residual = relu, group, count, residual is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        x, weight, bias, output, mean, invstd = ctx.saved_tensors
         k = bnops.kernels_for(x)
         grad_y = grad_y.contiguous(memory_format=bnops._layout(x))
         scale, shift = bnops.scale_shift(weight, bias, mean, invstd)
-        sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, residual, mean, ctx.relu)
+        sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, output, mean, ctx.relu)
         # dweight/dbias stay local (DDP averages parameter gradients); dx needs the global sums.
         dweight = None if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
         dbias = None if bias is None else sum_dy.to(bias.dtype)
@@ -108,7 +113,7 @@ class _SyncBNAct(torch.autograd.Function):
         g_dy, g_dy_xmu = sums.chunk(2)
         ka, kb, kc = bnops.grad_coefficients(scale, invstd, g_dy, g_dy_xmu, ctx.count)
         dx, dres = k.backward_elemt(
-            grad_y, x, scale, shift, residual, mean, ka, kb, kc, ctx.relu, residual is not None
+            grad_y, x, scale, shift, output, mean, ka, kb, kc, ctx.relu, ctx.has_residual
         )
         return dx, dweight, dbias, dres, None, None, None, None
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .. import fold, ops
 from ..kernels import reference
 from .batchnorm import SyncBatchNorm, train_forward, uses_batch_stats
+from .recompute import recomputed_when_saved
 
 
 def _plain(conv: nn.Module, bn: nn.Module) -> bool:
@@ -50,8 +51,13 @@ def conv_bn_act(
 
 def _train_fused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Tensor | None, relu: bool) -> Tensor:
     """Train mode (batch statistics): the conv, then ONE fused BN (+ residual) (+ ReLU) op that also
-    updates the running statistics like nn.BatchNorm2d (synchronised for a SyncBatchNorm)."""
-    return train_forward(bn, conv(x), residual, relu)
+    updates the running statistics like nn.BatchNorm2d (synchronised for a SyncBatchNorm).
+
+    When x is the previous fused BN+ReLU's output, the conv keeps its recipe instead of x for the
+    backward (x is rebuilt then): one activation fewer held per conv."""
+    with recomputed_when_saved(x):
+        out = conv(x)
+    return train_forward(bn, out, residual, relu)
 
 
 def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None) -> bool:

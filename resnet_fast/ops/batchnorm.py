@@ -7,9 +7,11 @@ Forward: per-channel batch mean and biased variance (tiles reduced in two passes
 Chan's (count, mean, M2) formula, never E[x^2] - E[x]^2), then one apply pass
 y = act(x * scale + shift (+ residual)) with scale = weight * invstd, shift = bias - mean * scale.
 Backward (resnet_fast::bn_act_backward): one reduction pass, sums of dy' and dy' * (x - mean) per
-channel with dy' = dy masked where the recomputed pre-activation was <= 0, and one elementwise pass
-giving dx and the residual's gradient (dy'). Only x (kept alive anyway as the conv's output), mean
-and invstd are saved: no pre-activation tensor.
+channel with dy' = dy masked by the ReLU, and one elementwise pass giving dx and the residual's
+gradient (dy'). Saved: x (kept alive anyway as the conv's output), mean and invstd; no pre-activation
+tensor. The mask is recomputed from x (x*scale + shift > 0); with a residual it is read from the
+output (y > 0, as torch's relu backward), which the next block's conv keeps alive anyway, so the
+residual itself is not kept.
 
 Running statistics are not touched here: nn/batchnorm.py updates them from the returned mean and
 the variance, outside the op (autotuned kernels must never write buffers). The per-step kernels
@@ -43,10 +45,10 @@ class Kernels(Protocol):
         x: Tensor,
         scale: Tensor,
         shift: Tensor,
-        residual: Tensor | None,
+        output: Tensor | None,
         mean: Tensor,
         relu: bool,
-    ) -> tuple[Tensor, Tensor]: ...  # (sum dy', sum dy' * (x - mean))
+    ) -> tuple[Tensor, Tensor]: ...  # (sum dy', sum dy' * (x - mean)); see bn_act_backward
 
     def backward_elemt(
         self,
@@ -54,7 +56,7 @@ class Kernels(Protocol):
         x: Tensor,
         scale: Tensor,
         shift: Tensor,
-        residual: Tensor | None,
+        output: Tensor | None,
         mean: Tensor,
         ka: Tensor,
         kb: Tensor,
@@ -90,19 +92,20 @@ class TorchKernels:
         y = self._pre(x, scale, shift, residual)
         return (torch.relu(y) if relu else y).to(x.dtype)
 
-    def _masked(self, dy, x, scale, shift, residual, relu) -> Tensor:
+    def _masked(self, dy, x, scale, shift, output, relu) -> Tensor:
         g = dy.to(scale.dtype)
         if relu:
-            g = torch.where(self._pre(x, scale, shift, residual) > 0, g, 0)
+            pre = self._pre(x, scale, shift, None) if output is None else output
+            g = torch.where(pre > 0, g, 0)
         return g
 
-    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
-        g = self._masked(dy, x, scale, shift, residual, relu)
+    def backward_reduce(self, dy, x, scale, shift, output, mean, relu):
+        g = self._masked(dy, x, scale, shift, output, relu)
         dims = [d for d in range(x.dim()) if d != 1]
         return g.sum(dims), (g * (x.to(mean.dtype) - _cview(mean, x))).sum(dims)
 
-    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
-        g = self._masked(dy, x, scale, shift, residual, relu)
+    def backward_elemt(self, dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad):
+        g = self._masked(dy, x, scale, shift, output, relu)
         dx = _cview(ka, x) * g + _cview(kb, x) * (x.to(mean.dtype) - _cview(mean, x)) + _cview(kc, x)
         return dx.to(x.dtype), (g.to(x.dtype, copy=True) if residual_grad else None)  # never dy itself
 
@@ -117,12 +120,12 @@ class CppKernels:
     def apply(self, x, scale, shift, residual, relu):
         return _ext.load().bn_apply(x, scale, shift, residual, relu)
 
-    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
-        return _ext.load().bn_backward_reduce(dy, x, scale, shift, residual, mean, relu)
+    def backward_reduce(self, dy, x, scale, shift, output, mean, relu):
+        return _ext.load().bn_backward_reduce(dy, x, scale, shift, output, mean, relu)
 
-    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
+    def backward_elemt(self, dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad):
         return _ext.load().bn_backward_elemt(
-            dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad
+            dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad
         )
 
 
@@ -139,15 +142,15 @@ class TritonKernels:
 
         return elementwise.scale_shift_act(x, scale, shift, residual, relu)
 
-    def backward_reduce(self, dy, x, scale, shift, residual, mean, relu):
+    def backward_reduce(self, dy, x, scale, shift, output, mean, relu):
         from ..kernels.triton import batchnorm
 
-        return batchnorm.backward_reduce(dy, x, scale, shift, residual, mean, relu)
+        return batchnorm.backward_reduce(dy, x, scale, shift, output, mean, relu)
 
-    def backward_elemt(self, dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad):
+    def backward_elemt(self, dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad):
         from ..kernels.triton import batchnorm
 
-        return batchnorm.backward_elemt(dy, x, scale, shift, residual, mean, ka, kb, kc, relu, residual_grad)
+        return batchnorm.backward_elemt(dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad)
 
 
 _KERNELS: dict[str, Kernels] = {"triton": TritonKernels(), "cpp": CppKernels(), "torch": TorchKernels()}
@@ -248,25 +251,26 @@ def bn_act_backward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    residual: Tensor | None,
+    output: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     relu: bool,
+    residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dresidual) of bn_act_train; each of the last three is empty when its input is None."""
+    """(dx, dweight, dbias, dresidual) of bn_act_train; dweight/dbias are empty when their input is
+    None, dresidual unless residual_grad. output (the forward's y) gives the ReLU mask, y > 0; None
+    recomputes it from x."""
     fmt = _layout(x)
-    x, grad_y, residual = (
+    x, grad_y, output = (
         x.contiguous(memory_format=fmt),
         grad_y.contiguous(memory_format=fmt),
-        _dense(residual, fmt),
+        _dense(output, fmt),
     )
     k = kernels_for(x)
     scale, shift = scale_shift(weight, bias, mean, invstd)
-    sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, residual, mean, relu)
+    sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, output, mean, relu)
     ka, kb, kc = grad_coefficients(scale, invstd, sum_dy, sum_dy_xmu, x.numel() // x.shape[1])
-    dx, dres = k.backward_elemt(
-        grad_y, x, scale, shift, residual, mean, ka, kb, kc, relu, residual is not None
-    )
+    dx, dres = k.backward_elemt(grad_y, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad)
     dweight = x.new_empty(0) if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
     dbias = x.new_empty(0) if bias is None else sum_dy.to(bias.dtype)
     dres = x.new_empty(0) if dres is None else dres.contiguous(memory_format=fmt)
@@ -274,27 +278,33 @@ def bn_act_backward(
 
 
 @bn_act_backward.register_fake
-def _(grad_y, x, weight, bias, residual, mean, invstd, relu):
+def _(grad_y, x, weight, bias, output, mean, invstd, relu, residual_grad):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
     dweight = x.new_empty(0) if weight is None else weight.new_empty(weight.shape)
     dbias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
-    dres = x.new_empty(0) if residual is None else torch.empty_like(dx)
+    dres = torch.empty_like(dx) if residual_grad else x.new_empty(0)
     return dx, dweight, dbias, dres
+
+
+def mask_source(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor | None:
+    """What the backward reads the ReLU mask from: the output y with a residual (so the residual need
+    not be kept), None (recompute from x) otherwise."""
+    return y if relu and residual is not None else None
 
 
 def _setup(ctx, inputs, output) -> None:
     x, weight, bias, residual, relu, _ = inputs
-    _, mean, var, invstd = output
+    y, mean, var, invstd = output
     ctx.relu = relu
     ctx.has = (weight is not None, bias is not None, residual is not None)
-    ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+    ctx.save_for_backward(x, weight, bias, mask_source(y, residual, relu), mean, invstd)
     ctx.mark_non_differentiable(mean, var, invstd)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var, _grad_invstd):
-    x, weight, bias, residual, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias, dres = bn_act_backward(grad_y, x, weight, bias, residual, mean, invstd, ctx.relu)
+    x, weight, bias, output, mean, invstd = ctx.saved_tensors
     has_w, has_b, has_r = ctx.has
+    dx, dweight, dbias, dres = bn_act_backward(grad_y, x, weight, bias, output, mean, invstd, ctx.relu, has_r)
     return dx, dweight if has_w else None, dbias if has_b else None, dres if has_r else None, None, None
 
 

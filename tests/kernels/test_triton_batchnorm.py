@@ -65,13 +65,14 @@ def _check(shape, channels_last, dtype, residual, relu, device="cpu"):
     _close(var, var_ref, "var")
     invstd = torch.rsqrt(var_ref + 1e-5)
     scale, shift = bnops.scale_shift(w, b, mean_ref, invstd)
-    sums = tbn.backward_reduce(dy, x, scale, shift, r, mean_ref, relu)
-    sums_ref = REF.backward_reduce(dy, x, scale, shift, r, mean_ref, relu)
+    y = REF.apply(x, scale, shift, r, relu) if residual else None  # the residual path's mask source
+    sums = tbn.backward_reduce(dy, x, scale, shift, y, mean_ref, relu)
+    sums_ref = REF.backward_reduce(dy, x, scale, shift, y, mean_ref, relu)
     _close(sums[0], sums_ref[0], "sum dy'")
     _close(sums[1], sums_ref[1], "sum dy' * (x - mean)")
     k = bnops.grad_coefficients(scale, invstd, *sums_ref, x.numel() // x.shape[1])
-    dx, dres = tbn.backward_elemt(dy, x, scale, shift, r, mean_ref, *k, relu, residual)
-    dx_ref, dres_ref = REF.backward_elemt(dy, x, scale, shift, r, mean_ref, *k, relu, residual)
+    dx, dres = tbn.backward_elemt(dy, x, scale, shift, y, mean_ref, *k, relu, residual)
+    dx_ref, dres_ref = REF.backward_elemt(dy, x, scale, shift, y, mean_ref, *k, relu, residual)
     assert dx.dtype == dtype and dx.stride() == x.stride()
     _close(dx, dx_ref, "dx", rtol=2 * torch.finfo(dtype).eps)
     if residual:
@@ -127,6 +128,7 @@ AOT_CASES = [pytest.param(dtype, cc, id=f"sm{cc}-{str(dtype)[6:]}") for cc in (8
 def test_aot_compiles(aot_compile, dtype, cc, channels_last):
     f32 = torch.float32
     common = {"CHANNELS_LAST": channels_last, "BLOCK_R": tbn.BLOCK_R, "BLOCK_C": 64}
+    has_out = channels_last  # both ReLU-mask sources (saved output, recomputed) without doubling the cases
     kw = {"cc": cc, "num_warps": tbn.NUM_WARPS, "num_stages": 1}
     aot_compile(
         tbn._stats_kernel,
@@ -141,13 +143,13 @@ def test_aot_compiles(aot_compile, dtype, cc, channels_last):
         pointers={
             "dy_ptr": dtype,
             "x_ptr": dtype,
-            "res_ptr": dtype,
+            "out_ptr": dtype,
             **vectors,
             "sum_dy_ptr": f32,
             "sum_dy_xmu_ptr": f32,
         },
-        constexprs={"HAS_RES": True, "RELU": True, **common},
-        divisible=("dy_ptr", "x_ptr", "res_ptr", "C"),
+        constexprs={"HAS_OUT": has_out, "RELU": True, **common},
+        divisible=("dy_ptr", "x_ptr", "out_ptr", "C"),
         **kw,
     )
     aot_compile(
@@ -155,7 +157,7 @@ def test_aot_compiles(aot_compile, dtype, cc, channels_last):
         pointers={
             "dy_ptr": dtype,
             "x_ptr": dtype,
-            "res_ptr": dtype,
+            "out_ptr": dtype,
             **vectors,
             "ka_ptr": f32,
             "kb_ptr": f32,
@@ -163,8 +165,8 @@ def test_aot_compiles(aot_compile, dtype, cc, channels_last):
             "dx_ptr": dtype,
             "dres_ptr": dtype,
         },  # fmt: skip
-        constexprs={"HAS_RES": True, "RELU": True, "RES_GRAD": True, **common},
-        divisible=("dy_ptr", "x_ptr", "res_ptr", "dx_ptr", "dres_ptr", "C"),
+        constexprs={"HAS_OUT": has_out, "RELU": True, "RES_GRAD": True, **common},
+        divisible=("dy_ptr", "x_ptr", "out_ptr", "dx_ptr", "dres_ptr", "C"),
         **kw,
     )
 

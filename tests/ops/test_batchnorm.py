@@ -226,5 +226,5 @@ def test_registered_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (x, w, b, r, True, 1e-5))
     torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (x, None, None, None, False, 1e-5))
     y, mean, var, invstd = bnops.bn_act_train(x, w, b, r, True, 1e-5)
-    args = (torch.randn_like(y), x.detach(), w.detach(), b.detach(), r.detach(), mean, invstd, True)
+    args = (torch.randn_like(y), x.detach(), w.detach(), b.detach(), y.detach(), mean, invstd, True, True)
     torch.library.opcheck(torch.ops.resnet_fast.bn_act_backward.default, args)

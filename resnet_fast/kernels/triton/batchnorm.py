@@ -79,13 +79,15 @@ def _stats_kernel(
 
 
 @triton.jit
-def _masked_grad(dy, x, scale, shift, r, HAS_RES: tl.constexpr, RELU: tl.constexpr):
-    # The pre-activation written as scale_shift_act writes it, so the compiled arithmetic (and the
-    # ReLU mask) is the forward's.
+def _masked_grad(dy, x, scale, shift, y, HAS_OUT: tl.constexpr, RELU: tl.constexpr):
+    # The ReLU mask: the forward output y > 0 when given (torch's relu backward; the residual path
+    # passes it), else the pre-activation recomputed as scale_shift_act writes it, so the compiled
+    # arithmetic (and the mask) is the forward's.
     if RELU:
-        pre = x * scale + shift
-        if HAS_RES:
-            pre += r
+        if HAS_OUT:
+            pre = y
+        else:
+            pre = x * scale + shift
         dy = tl.where(pre > 0.0, dy, 0.0)
     return dy
 
@@ -94,7 +96,7 @@ def _masked_grad(dy, x, scale, shift, r, HAS_RES: tl.constexpr, RELU: tl.constex
 def _bwd_reduce_kernel(
     dy_ptr,
     x_ptr,
-    res_ptr,
+    out_ptr,
     scale_ptr,
     shift_ptr,
     mean_ptr,
@@ -104,7 +106,7 @@ def _bwd_reduce_kernel(
     C,
     INNER,
     TILE_ROWS,
-    HAS_RES: tl.constexpr,
+    HAS_OUT: tl.constexpr,
     RELU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -126,8 +128,8 @@ def _bwd_reduce_kernel(
         offs = _offsets(rows, cols, C, INNER, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) if HAS_RES else x
-        g = _masked_grad(dy, x, scale, shift, r, HAS_RES, RELU)
+        y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32) if HAS_OUT else x
+        g = _masked_grad(dy, x, scale, shift, y, HAS_OUT, RELU)
         acc_dy += g
         acc_dy_xmu += tl.where(mask, g * (x - mu), 0.0)
     out = tile.to(tl.int64) * C + cols
@@ -139,7 +141,7 @@ def _bwd_reduce_kernel(
 def _bwd_elemt_kernel(
     dy_ptr,
     x_ptr,
-    res_ptr,
+    out_ptr,
     scale_ptr,
     shift_ptr,
     mean_ptr,
@@ -151,7 +153,7 @@ def _bwd_elemt_kernel(
     ROWS,
     C,
     INNER,
-    HAS_RES: tl.constexpr,
+    HAS_OUT: tl.constexpr,
     RELU: tl.constexpr,
     RES_GRAD: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -171,8 +173,8 @@ def _bwd_elemt_kernel(
     kc = tl.load(kc_ptr + cols, mask=cmask, other=0.0)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) if HAS_RES else x
-    g = _masked_grad(dy, x, scale, shift, r, HAS_RES, RELU)
+    y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32) if HAS_OUT else x
+    g = _masked_grad(dy, x, scale, shift, y, HAS_OUT, RELU)
     dx = ka * g + kb * (x - mu) + kc
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RES_GRAD:
@@ -232,31 +234,32 @@ def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (pivot + mean).float(), (m2 / g.rows).float()
 
 
-def backward_reduce(dy, x, scale, shift, residual, mean, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum dy', sum dy' * (x - mean)) per channel, float32; dy' = dy masked by the forward's ReLU."""
+def backward_reduce(dy, x, scale, shift, output, mean, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy', sum dy' * (x - mean)) per channel, float32; dy' = dy masked by the forward's ReLU
+    (output > 0, or the recomputed x*scale + shift > 0 when output is None)."""
     g = _Geometry(x)
     _check_f32(scale, shift, mean)
     parts = torch.empty((2, g.tiles, g.c), device=x.device, dtype=torch.float32)
     _bwd_reduce_kernel[(g.cblocks, g.tiles)](
-        dy, x, residual if residual is not None else x, scale, shift, mean, parts[0], parts[1],
+        dy, x, output if output is not None else x, scale, shift, mean, parts[0], parts[1],
         g.rows, g.c, g.inner, g.tile_rows,
-        HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=g.channels_last,
+        HAS_OUT=output is not None, RELU=relu, CHANNELS_LAST=g.channels_last,
         BLOCK_R=BLOCK_R, BLOCK_C=g.block_c, num_warps=NUM_WARPS,
     )  # fmt: skip
     sums = parts.double().sum(1).float()
     return sums[0], sums[1]
 
 
-def backward_elemt(dy, x, scale, shift, residual, mean, ka, kb, kc, relu: bool, residual_grad: bool):
+def backward_elemt(dy, x, scale, shift, output, mean, ka, kb, kc, relu: bool, residual_grad: bool):
     """(dx = ka*dy' + kb*(x - mean) + kc, dy' or None), in x's dtype and layout."""
     g = _Geometry(x)
     _check_f32(scale, shift, mean, ka, kb, kc)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if residual_grad else None
     _bwd_elemt_kernel[(g.cblocks, triton.cdiv(g.rows, BLOCK_R))](
-        dy, x, residual if residual is not None else x, scale, shift, mean, ka, kb, kc,
+        dy, x, output if output is not None else x, scale, shift, mean, ka, kb, kc,
         dx, dres if dres is not None else dx, g.rows, g.c, g.inner,
-        HAS_RES=residual is not None, RELU=relu, RES_GRAD=residual_grad, CHANNELS_LAST=g.channels_last,
+        HAS_OUT=output is not None, RELU=relu, RES_GRAD=residual_grad, CHANNELS_LAST=g.channels_last,
         BLOCK_R=BLOCK_R, BLOCK_C=g.block_c, num_warps=NUM_WARPS,
     )  # fmt: skip
     return dx, dres
