@@ -3,16 +3,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "pack.cuh"
 #include "resnet_fast.h"
 
 namespace resnet_fast {
 namespace cuda {
 namespace {
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 template <typename scalar_t, int kVec>
 __global__ void add_relu_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,

@@ -6,16 +6,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "pack.cuh"
 #include "resnet_fast.h"
 
 namespace resnet_fast {
 namespace cuda {
 namespace {
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 // Channel of flat element i: NHWC i % C; NCHW (i / inner) % C.
 struct ChannelOf {
