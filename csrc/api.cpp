@@ -299,6 +299,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // Whether at::parallel_for runs on OpenMP threads here (its inline code parallelises only in files
+  // compiled with OpenMP; else every C++ kernel runs on one thread).
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
   // Checked at load: an extension built for another torch must be rebuilt, not used.
   m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
                             "." + std::to_string(TORCH_VERSION_PATCH);

@@ -35,6 +35,9 @@ def info() -> dict:
         "extension": {
             "usable": module is not None,
             "cuda": bool(module is not None and module.with_cuda),
+            "cpu threads": None
+            if module is None
+            else (f"{torch.get_num_threads()} (OpenMP)" if module.openmp else "1 (built without OpenMP)"),
             "why not": _ext.reason(),
         },
         "cpp conv route": {
@@ -68,7 +71,8 @@ def format_info(data: dict) -> str:
             lines += [f"  {where}: {route}" for where, route in value.items()]
         elif key == "extension":
             state = "usable" if value["usable"] else f"not usable: {value['why not']}"
-            lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {value['cuda']})")
+            threads = f"; C++ CPU kernels on {value['cpu threads']} threads" if value["usable"] else ""
+            lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {value['cuda']}{threads})")
         else:
             lines.append(f"{key}: {value}")
     return "\n".join(lines)

@@ -28,6 +28,14 @@ def test_cuda_sources_were_compiled_when_nvcc_is_present():
 
 
 @needs_ext
+def test_cpu_kernels_run_on_torchs_threads():
+    """Built without OpenMP, at::parallel_for (inline) would run every C++ kernel on one thread."""
+    import sys
+
+    assert _C.openmp == (torch._C.has_openmp and sys.platform == "linux")
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
 def test_add_relu_matches_torch(dtype, layout):
