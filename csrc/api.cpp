@@ -240,25 +240,38 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   return y;
 }
 
+namespace {
+
+// The inputs both backward passes share, checked and made dense like x.
+struct BwdInputs {
+  at::Tensor dy, x, scale, shift, mean;
+  std::optional<at::Tensor> output;
+  BwdInputs(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& scale_, const at::Tensor& shift_,
+            const std::optional<at::Tensor>& output_, const at::Tensor& mean_, const char* op) {
+    check_bn(x_, op);
+    x = x_.contiguous(x_.suggest_memory_format());
+    dy = like_input(dy_, x_, op, "grad");
+    output = like_input(output_, x_, op, "output");
+    scale = channel_vector(scale_, x_, op, "scale");
+    shift = channel_vector(shift_, x_, op, "shift");
+    mean = channel_vector(mean_, x_, op, "mean");
+  }
+};
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& scale, const at::Tensor& shift,
                                                       const std::optional<at::Tensor>& output,
                                                       const at::Tensor& mean, bool relu) {
-  const char* op = "bn_backward_reduce";
-  check_bn(x, op);
-  const auto x_ = x.contiguous(x.suggest_memory_format());
-  const auto dy_ = like_input(dy, x, op, "grad");
-  const auto out_ = like_input(output, x, op, "output");
-  const auto scale_ = channel_vector(scale, x, op, "scale");
-  const auto shift_ = channel_vector(shift, x, op, "shift");
-  const auto mean_ = channel_vector(mean, x, op, "mean");
+  const BwdInputs in(dy, x, scale, shift, output, mean, "bn_backward_reduce");
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(x.device());
-    return cuda::bn_backward_reduce(dy_, x_, scale_, shift_, out_, mean_, relu);
+    return cuda::bn_backward_reduce(in.dy, in.x, in.scale, in.shift, in.output, in.mean, relu);
 #endif
   }
-  return cpu::bn_backward_reduce(dy_, x_, scale_, shift_, out_, mean_, relu);
+  return cpu::bn_backward_reduce(in.dy, in.x, in.scale, in.shift, in.output, in.mean, relu);
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
@@ -266,26 +279,21 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
     const std::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& ka, const at::Tensor& kb,
     const at::Tensor& kc, bool relu, bool residual_grad) {
   const char* op = "bn_backward_elemt";
-  check_bn(x, op);
-  const auto x_ = x.contiguous(x.suggest_memory_format());
-  const auto dy_ = like_input(dy, x, op, "grad");
-  const auto out_ = like_input(output, x, op, "output");
-  const auto scale_ = channel_vector(scale, x, op, "scale");
-  const auto shift_ = channel_vector(shift, x, op, "shift");
-  const auto mean_ = channel_vector(mean, x, op, "mean");
+  const BwdInputs in(dy, x, scale, shift, output, mean, op);
   const auto ka_ = channel_vector(ka, x, op, "ka");
   const auto kb_ = channel_vector(kb, x, op, "kb");
   const auto kc_ = channel_vector(kc, x, op, "kc");
-  auto dx = at::empty_like(x_);
+  auto dx = at::empty_like(in.x);
   std::optional<at::Tensor> dres;
-  if (residual_grad) dres = at::empty_like(x_);
+  if (residual_grad) dres = at::empty_like(in.x);
   if (x.is_cuda()) {
 #ifdef WITH_CUDA
     const c10::DeviceGuard guard(x.device());
-    cuda::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, out_, mean_, ka_, kb_, kc_, relu);
+    cuda::bn_backward_elemt_out(dx, dres, in.dy, in.x, in.scale, in.shift, in.output, in.mean, ka_, kb_, kc_,
+                                relu);
 #endif
   } else {
-    cpu::bn_backward_elemt_out(dx, dres, dy_, x_, scale_, shift_, out_, mean_, ka_, kb_, kc_, relu);
+    cpu::bn_backward_elemt_out(dx, dres, in.dy, in.x, in.scale, in.shift, in.output, in.mean, ka_, kb_, kc_, relu);
   }
   return {dx, dres};
 }

@@ -205,22 +205,22 @@ inline void tile_moments(double m, double sum_d, double sum_dd, double inv_n, do
   *m2 = dmax0(sum_dd - sum_d * sum_d * inv_n);
 }
 
-// NHWC: tiles of whole rows (sequential memory); per-channel accumulators in a per-task work array.
+// NHWC: a tile of whole rows [r0, r1) (sequential memory); per-channel accumulators in `work` (3 * C).
 template <typename scalar_t>
-void stats_tile(const scalar_t* x, int64_t stride, int64_t cb, int64_t r0, int64_t r1,
-                at::opmath_type<scalar_t>* work, double* tmean, double* tm2) {
+void stats_tile(const scalar_t* x, int64_t channels, int64_t r0, int64_t r1, at::opmath_type<scalar_t>* work,
+                double* tmean, double* tm2) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t* m = work;
-  opmath_t* s1 = work + cb;
-  opmath_t* q = work + 2 * cb;
-  for (int64_t i = 0; i < 3 * cb; ++i) work[i] = opmath_t(0);
-  for (int64_t r = r0; r < r1; ++r) sum_run(x + r * stride, cb, ArraySum<opmath_t>{m});
+  opmath_t* s1 = work + channels;
+  opmath_t* q = work + 2 * channels;
+  for (int64_t i = 0; i < 3 * channels; ++i) work[i] = opmath_t(0);
+  for (int64_t r = r0; r < r1; ++r) sum_run(x + r * channels, channels, ArraySum<opmath_t>{m});
   const opmath_t inv_n = opmath_t(1) / static_cast<opmath_t>(r1 - r0);
-  for (int64_t c = 0; c < cb; ++c) m[c] *= inv_n;
+  for (int64_t c = 0; c < channels; ++c) m[c] *= inv_n;
   for (int64_t r = r0; r < r1; ++r)
-    deviation_run(x + r * stride, cb, PerElement<opmath_t>{m}, ArraySum<opmath_t>{s1}, ArraySum<opmath_t>{q});
+    deviation_run(x + r * channels, channels, PerElement<opmath_t>{m}, ArraySum<opmath_t>{s1}, ArraySum<opmath_t>{q});
   const double inv_rows = 1.0 / static_cast<double>(r1 - r0);
-  for (int64_t c = 0; c < cb; ++c) tile_moments(m[c], s1[c], q[c], inv_rows, tmean + c, tm2 + c);
+  for (int64_t c = 0; c < channels; ++c) tile_moments(m[c], s1[c], q[c], inv_rows, tmean + c, tm2 + c);
 }
 
 template <typename scalar_t>
@@ -234,8 +234,8 @@ void stats_nhwc(const scalar_t* x, int64_t rows, int64_t channels, at::opmath_ty
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     Buffer<opmath_t> work(3 * channels);
     for (int64_t i = begin; i < end; ++i) {
-      stats_tile(x, channels, channels, i * tile_rows, i * tile_rows + tcount[i], work.data(),
-                 tmean.data() + i * channels, tm2.data() + i * channels);
+      stats_tile(x, channels, i * tile_rows, i * tile_rows + tcount[i], work.data(), tmean.data() + i * channels,
+                 tm2.data() + i * channels);
     }
   });
   combine_tiles(tmean, tm2, tcount, channels, mean, var);
