@@ -298,6 +298,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bn_backward_elemt(
   return {dx, dres};
 }
 
+bool all_finite(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cpu(), "all_finite: expected a CPU tensor, got one on ", t.device());
+  return cpu::all_finite(t);
+}
+
 }  // namespace resnet_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -338,14 +343,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("relu"));
   m.def("bn_kernels_isa", &resnet_fast::cpu::bn_kernels_isa, "which build of the CPU batch-norm kernels runs here");
   m.def("bn_backward_reduce", &resnet_fast::bn_backward_reduce,
-        "per-channel (sum dy', sum dy' * (x - mean)), dy' = dy where output > 0, or where x*scale + shift > 0 "
-        "when output is None (dy' = dy without relu)",
+        "per-channel (sum dy', sum dy' * (x - mean)), dy' = 0 where output <= 0, or where x*scale + shift <= 0 "
+        "when output is None, else dy (dy' = dy without relu)",
         py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("output"), py::arg("mean"),
         py::arg("relu"));
   m.def("bn_backward_elemt", &resnet_fast::bn_backward_elemt,
         "(dx = ka*dy' + kb*(x - mean) + kc per channel, dy' or None): the batch-norm input and residual grads",
         py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("output"), py::arg("mean"),
         py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
+  m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
+        py::arg("t"));
   m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
         "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));
 }

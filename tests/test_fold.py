@@ -146,6 +146,48 @@ def test_fresh_after_in_place_edits_and_eps(backend):
     _check_eval(conv, bn, x)
 
 
+def _load_assign(conv, bn):
+    donor_conv, donor_bn = _pair()
+    conv.load_state_dict(donor_conv.state_dict(), assign=True)
+    bn.load_state_dict(donor_bn.state_dict(), assign=True)
+
+
+def _detach_copy(conv, bn):
+    bn.running_mean.detach().copy_(torch.randn(16))  # detach() shares the version counter
+
+
+def _vector_to_parameters(conv, bn):
+    params = [*conv.parameters(), *bn.parameters()]
+    vec = torch.nn.utils.parameters_to_vector(params)
+    torch.nn.utils.vector_to_parameters(vec * 1.5, params)  # new storage
+
+
+def _init(conv, bn):
+    nn.init.kaiming_normal_(conv.weight)
+    nn.init.uniform_(bn.weight)
+
+
+@pytest.mark.parametrize("write", [_load_assign, _detach_copy, _vector_to_parameters, _init])
+def test_fresh_after_common_tools_write(backend, write):
+    """The writes the README lists as seen by the cache."""
+    conv, bn = _pair()
+    x = _x()
+    _check_eval(conv, bn, x)
+    write(conv, bn)
+    conv.eval(), bn.eval()
+    _check_eval(conv, bn, x)
+
+
+def test_fresh_after_averaged_model_updates(backend):
+    averaged = torch.optim.swa_utils.AveragedModel(nn.Sequential(*_pair()), use_buffers=True)
+    conv, bn = averaged.module
+    x = _x()
+    _check_eval(conv, bn, x)
+    for _ in range(2):  # the first update copies, the next ones average in place
+        averaged.update_parameters(nn.Sequential(*_pair()))
+        _check_eval(conv, bn, x)
+
+
 def test_writes_through_data_need_invalidate(backend):
     conv, bn = _pair()
     x = _x()
@@ -190,3 +232,25 @@ def test_folded_needs_running_stats():
     bn = nn.BatchNorm2d(4, track_running_stats=False)
     with pytest.raises(ValueError, match="running statistics"):
         fold.folded(conv, bn)
+
+
+def test_eval_plan_is_resolved_once_per_input_shape(monkeypatch):
+    """nn.fused keeps each layer's resolved backend call (ops.conv_runner) with its fold: made once per
+    input shape and epilogue, dropped with the fold when a source changes (fused backends only)."""
+    resnet_fast.set_backend("cpp")
+    made = []
+    real = resnet_fast.ops.conv_runner
+    monkeypatch.setattr(resnet_fast.ops, "conv_runner", lambda *a: made.append(a[0].shape) or real(*a))
+    conv, bn = _pair()
+    x = _x()
+    for _ in range(3):
+        _check_eval(conv, bn, x)
+    assert len(made) == 1 and len(fold.folded(conv, bn).runners) == 1
+    _check_eval(conv, bn, x[:1].contiguous(memory_format=torch.channels_last))  # another shape
+    _check_eval(conv, bn, x, residual=torch.randn(2, 16, 10, 10))  # another epilogue
+    _check_eval(conv, bn, x)
+    assert len(made) == 3
+    with torch.no_grad():
+        bn.running_mean.add_(1)  # a new fold: its plans start empty
+    _check_eval(conv, bn, x)
+    assert len(made) == 4 and len(fold.folded(conv, bn).runners) == 1

@@ -304,12 +304,13 @@ void apply_run(const scalar_t* x, P s, P t, const scalar_t* r, scalar_t* y, int6
 
 // ------------------------------------------------------------------------------------------ backward
 //
-// dy' = dy masked by the ReLU: where the forward output y > 0 when y is given (what torch's relu
-// backward does; the residual path saves y), else where the recomputed x*s + t > 0.
+// dy' = dy masked by the ReLU: 0 where the forward output y <= 0 when y is given (what torch's relu
+// backward does; the residual path saves y), else where the recomputed x*s + t <= 0; NaN passes dy.
 
 template <typename OVec>
 inline OVec masked_vec(const OVec& dy, const OVec& pre) {
-  return OVec::blendv(OVec(0), dy, pre > OVec(0));  // NaN pre-activation: 0, as relu's backward
+  // torch's relu backward is where(y <= 0, 0, dy): a NaN y passes dy on.
+  return OVec::blendv(dy, OVec(0), pre <= OVec(0));
 }
 
 template <typename scalar_t>
@@ -345,7 +346,7 @@ inline at::opmath_type<scalar_t> masked1(BwdRun<scalar_t> a, P s, P t, int64_t i
   const opmath_t g = static_cast<opmath_t>(a.dy[i]);
   if (!a.relu) return g;
   const opmath_t pre = a.y ? static_cast<opmath_t>(a.y[i]) : pre_act(static_cast<opmath_t>(a.x[i]), s.at(i), t.at(i));
-  return pre > opmath_t(0) ? g : opmath_t(0);
+  return pre <= opmath_t(0) ? opmath_t(0) : g;
 }
 
 // sum_dy += dy', sum_dy_xmu += dy' * (x - mean) over one run.

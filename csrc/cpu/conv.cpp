@@ -79,6 +79,15 @@ const OneDnnOps& onednn_ops() {
 
 std::atomic<bool> force_aten{false};
 
+// Whether act(conv(x, w) + b + residual) can hold a NaN before the ReLU: only when an input holds
+// Inf or NaN (a prepacked weight was checked when it was packed), or when a finite accumulation
+// overflows to both +Inf and -Inf (not checked: that needs activations near 3.4e38).
+bool nan_free_before_relu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                          const std::optional<at::Tensor>& residual) {
+  return all_finite(x) && (w.is_mkldnn() || all_finite(w)) && (!b.has_value() || all_finite(*b)) &&
+         (!residual.has_value() || all_finite(*residual));
+}
+
 // '' when the oneDNN route runs this dtype, else why not.
 std::string onednn_problem(at::ScalarType dtype) {
   if (force_aten.load()) return "forced by set_cpu_conv_route('aten')";
@@ -112,7 +121,8 @@ void set_conv_route(const std::string& route) {
 
 at::Tensor prepack_conv_weight(const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-  if (!onednn_problem(w.scalar_type()).empty()) return w.contiguous();
+  // A non-finite weight stays dense, so conv_bias_act sees it and keeps NaN where torch would.
+  if (!onednn_problem(w.scalar_type()).empty() || !all_finite(w)) return w.contiguous();
   // With input_size oneDNN picks the weight format for channels_last input (what conv_bias_act feeds it).
   return call(*onednn_ops().reorder, {w.contiguous(), padding, stride, dilation, groups, input_size});
 }
@@ -125,6 +135,17 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::op
     const auto& ops = onednn_ops();
     const c10::List<std::optional<at::Scalar>> no_scalars;
     const c10::IValue bias = b.has_value() ? c10::IValue(*b) : c10::IValue();
+    if (relu && !nan_free_before_relu(x, w, b, residual)) {
+      // oneDNN's ReLU post-op is max(v, 0), which turns NaN into 0; torch.relu keeps it. Here a NaN
+      // may appear, so oneDNN stops at bias (+ residual) and our epilogue does the ReLU.
+      auto out = residual.has_value() && groups == 1
+                     ? call(*ops.binary, {x, *residual, w, bias, padding, stride, dilation, groups, "add",
+                                          c10::IValue(), c10::IValue(), no_scalars, c10::IValue()})
+                     : call(*ops.unary, {x, w, bias, padding, stride, dilation, groups, "none", no_scalars,
+                                         c10::IValue()});
+      scale_shift_act_out(out, out, at::Tensor(), at::Tensor(), groups == 1 ? std::nullopt : residual, relu);
+      return out;
+    }
     if (residual.has_value() && groups > 1) {
       // The out-of-place binary op fuses only groups == 1 (else it runs conv, then ATen's add_relu,
       // which lacks bfloat16): conv + bias in oneDNN, residual + ReLU in our epilogue.

@@ -12,6 +12,9 @@ namespace resnet_fast {
 namespace cpu {
 at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
 
+// No Inf or NaN in t (one vectorized, parallel read pass over its memory).
+bool all_finite(const at::Tensor& t);
+
 // out = act(x * scale[c] + shift[c] (+ residual)); out may alias x. x, residual and out are dense in
 // one memory format (contiguous or channels_last); scale/shift are undefined (1 / 0) or dense 1-D in
 // x's math type (float for 16-bit and float32 x, double for float64 x).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -13,11 +14,14 @@ def _norm_layer_like(bn: nn.Module) -> Callable[[int], nn.Module]:
     """A norm_layer that rebuilds BatchNorm2d modules with `bn`'s hyper-parameters."""
     if type(bn) is not nn.BatchNorm2d:
         raise TypeError(f"cannot infer norm_layer from {type(bn).__name__}; pass norm_layer= explicitly")
-
-    def norm_layer(channels: int) -> nn.BatchNorm2d:
-        return nn.BatchNorm2d(channels, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-
-    return norm_layer
+    # A partial, not a closure: models keep their norm_layer, and must pickle (torch.save, spawn).
+    return functools.partial(
+        nn.BatchNorm2d,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    )
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:

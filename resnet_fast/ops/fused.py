@@ -58,7 +58,7 @@ def _add_relu_setup(ctx, inputs, output) -> None:
 
 def _add_relu_backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
     (out,) = ctx.saved_tensors
-    grad = grad * (out > 0)
+    grad = torch.where(out <= 0, 0, grad)  # torch's relu backward: NaN passes
     return grad, grad
 
 
