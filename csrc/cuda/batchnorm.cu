@@ -105,9 +105,10 @@ __global__ void stats_combine(const scalar_t* __restrict__ x, Index idx, const a
   var_out[c] = static_cast<acc_t>(m2 / n);
 }
 
-// dy masked by the ReLU: where the forward output y > 0 when it is given (torch's relu backward; the
-// residual path passes it), else where the recomputed x*s + t > 0, written as scale_shift_act's
-// (epilogue.cu) so nvcc contracts it the same way and the mask is the forward's.
+// dy masked by the ReLU as torch's relu backward masks it (0 where the pre-activation <= 0, dy
+// elsewhere, NaN included): the forward output y when it is given (the residual path passes it), else
+// the recomputed x*s + t, written as scale_shift_act's (epilogue.cu) so nvcc contracts it the same
+// way and the mask is the forward's.
 template <typename acc_t>
 __device__ __forceinline__ acc_t recomputed_pre(acc_t x, acc_t s, acc_t t) {
   acc_t pre = x;
@@ -129,7 +130,7 @@ struct Bwd {
     const acc_t g = static_cast<acc_t>(dy[o]);
     if (!relu) return g;
     const acc_t pre = y ? static_cast<acc_t>(y[o]) : recomputed_pre(xv, s[c], t[c]);
-    return pre > acc_t(0) ? g : acc_t(0);
+    return pre <= acc_t(0) ? acc_t(0) : g;  // as torch's relu backward: a NaN output passes dy on
   }
 };
 

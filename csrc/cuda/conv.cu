@@ -1,9 +1,12 @@
-// CUDA convolution with a fused bias (+ residual) (+ ReLU) epilogue.
+// CUDA convolution with a fused bias (+ residual) (+ ReLU) epilogue: at::convolution (cuDNN when
+// torch uses it; TF32 follows torch.backends.cudnn flags inside it) followed by our epilogue kernel
+// (epilogue.cu), which adds bias and residual and applies a ReLU that keeps NaN, like torch.relu.
 //
-// Route "cudnn": cuDNN's fused conv-bias-(add)-ReLU through ATen (at::cudnn_convolution_relu,
-// at::cudnn_convolution_add_relu; TF32 follows torch.backends.cudnn.allow_tf32 inside them).
-// Route "aten": at::convolution (cuDNN or not) followed by our epilogue kernel, for what those
-// ops don't cover (no ReLU, float64, cuDNN disabled or absent).
+// Why not cuDNN's fused conv-bias-(add)-ReLU (at::cudnn_convolution_relu / _add_relu): (1) it raises
+// "not supported" for some shapes and dtypes, and (2) nothing shows that its ReLU propagates NaN (its
+// activation is a max with 0, which on NVIDIA hardware returns the non-NaN operand), so a corrupted
+// input could come out finite where torchvision's is NaN (issue 15). Until a GPU test proves it
+// NaN-correct for a case, the one route is conv then our epilogue: one extra elementwise pass.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
@@ -11,25 +14,11 @@
 
 namespace resnet_fast {
 namespace cuda {
-namespace {
-
-// '' when the fused cuDNN ops run this dtype, else why not.
-std::string cudnn_problem(at::ScalarType dtype) {
-  auto& ctx = at::globalContext();
-  if (!ctx.hasCuDNN()) return "torch is built without cuDNN";
-  if (!ctx.userEnabledCuDNN()) return "torch.backends.cudnn.enabled is False";
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
-    return std::string("fused cuDNN ops do not take ") + c10::toString(dtype);
-  }
-  return "";
-}
-
-}  // namespace
 
 std::string conv_route(at::ScalarType dtype) {
-  const std::string why = cudnn_problem(dtype);
-  if (why.empty()) return "cudnn (cudnn_convolution_[add_]relu; no-ReLU convs: at::convolution with bias)";
-  return "aten (at::convolution + resnet_fast epilogue kernel; cuDNN fusion off: " + why + ")";
+  (void)dtype;
+  return "aten (at::convolution + resnet_fast NaN-propagating epilogue kernel; cuDNN's fused ReLU is not "
+         "used: not shown to propagate NaN)";
 }
 
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -38,17 +27,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::op
   const auto cl = at::MemoryFormat::ChannelsLast;
   // cuDNN runs NHWC only when the weight is NHWC too.
   const auto w_ = w.contiguous(cl);
-  if (relu && cudnn_problem(x.scalar_type()).empty()) {
-    if (residual.has_value()) {
-      return at::cudnn_convolution_add_relu(x, w_, *residual, /*alpha=*/at::Scalar(1.0), b, stride, padding,
-                                            dilation, groups)
-          .contiguous(cl);
-    }
-    return at::cudnn_convolution_relu(x, w_, b, stride, padding, dilation, groups).contiguous(cl);
-  }
   if (!relu && !residual.has_value()) {
     return at::convolution(x, w_, b, stride, padding, dilation, false, {0, 0}, groups).contiguous(cl);
   }
+  // The bias goes into the epilogue (one pass for bias + residual + ReLU instead of conv's bias add).
   auto out = at::convolution(x, w_, std::nullopt, stride, padding, dilation, false, {0, 0}, groups).contiguous(cl);
   const auto shift = b.has_value() ? b->to(at::toOpMathType(x.scalar_type())).contiguous() : at::Tensor();
   scale_shift_act_out(out, out, at::Tensor(), shift, residual, relu);

@@ -28,35 +28,35 @@ def _verify_batch_size(x: Tensor, count: int | None = None) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-@torch.no_grad()
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """running_mean/var and num_batches_tracked as nn.BatchNorm2d updates them in training mode.
-
-    momentum=None is a cumulative moving average (factor 1/num_batches_tracked); the running variance
-    is unbiased (var * n / (n - 1)). Tensor arithmetic only: no host sync, no graph break.
-    """
+def _running_args(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, momentum, num_batches_tracked) for bn_act_train when bn updates its
+    running statistics in this step, after counting the step as nn.BatchNorm2d does; () otherwise."""
     if not (bn.training and bn.track_running_stats):
-        return
+        return ()
     bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:
-        factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
-    else:
-        factor = bn.momentum
-    unbiased = var * (count / max(count - 1, 1))
-    bn.running_mean.copy_(bn.running_mean * (1 - factor) + mean.to(bn.running_mean.dtype) * factor)
-    bn.running_var.copy_(bn.running_var * (1 - factor) + unbiased.to(bn.running_var.dtype) * factor)
+    return bn.running_mean, bn.running_var, bn.momentum, bn.num_batches_tracked
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
+    """running_mean/var and num_batches_tracked as nn.BatchNorm2d updates them in training mode, from
+    statistics computed elsewhere (SyncBatchNorm). momentum=None is a cumulative moving average (factor
+    1/num_batches_tracked). Tensor arithmetic only: no host sync, no graph break."""
+    running = _running_args(bn)
+    if running:
+        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+        bnops.update_running(bn.running_mean, bn.running_var, mean, var, count, factor)
 
 
 def train_forward(bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
-    """act(bn(x) (+ residual)) for a bn that uses batch statistics, as one fused op.
+    """act(bn(x) (+ residual)) for a bn that uses batch statistics, as one fused op (the running
+    statistics are updated by it).
 
     A SyncBatchNorm in a process group of more than one process synchronises the statistics.
     """
     if isinstance(bn, SyncBatchNorm) and bn.sync_group() is not None:
         return bn.sync_forward(x, residual, relu)
     _verify_batch_size(x)
-    y, mean, var, invstd = bnops.bn_act_train(x, bn.weight, bn.bias, residual, relu, bn.eps)
-    update_running_stats(bn, mean.detach(), var.detach(), x.numel() // x.shape[1])
+    y, mean, _, invstd = bnops.bn_act_train(x, bn.weight, bn.bias, residual, relu, bn.eps, *_running_args(bn))
     if residual is None:
         recompute.attach(y, x, bn.weight, bn.bias, mean, invstd, relu)
     return y
@@ -65,9 +65,10 @@ def train_forward(bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
 # ------------------------------------------------------------------------------------------ SyncBN
 
 
-def _gather_moments(count: int, mean: Tensor, var: Tensor, group) -> tuple[int, Tensor, Tensor]:
+def _gather_moments(count: int, mean: Tensor, var: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
     """Global (count, mean, biased var) from each process's: one all_gather of (count, mean, M2) triplets,
-    merged with Chan's parallel formula in float64 (no E[x^2] - E[x]^2)."""
+    merged with Chan's parallel formula in float64 (no E[x^2] - E[x]^2). The count stays a (0-d float64)
+    tensor: reading it on the host would wait for the GPU in every layer."""
     local = torch.stack([torch.full_like(mean, count), mean, var * count]).to(torch.float64)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
@@ -75,7 +76,7 @@ def _gather_moments(count: int, mean: Tensor, var: Tensor, group) -> tuple[int, 
     total = n.sum(0)
     gmean = (n * m).sum(0) / total
     gm2 = m2.sum(0) + (n * (m - gmean) ** 2).sum(0)
-    return int(total[0].item()), gmean.to(mean.dtype), (gm2 / total).to(var.dtype)
+    return total[0], gmean.to(mean.dtype), (gm2 / total).to(var.dtype)
 
 
 class _SyncBNAct(torch.autograd.Function):
@@ -88,8 +89,10 @@ class _SyncBNAct(torch.autograd.Function):
         x = x.contiguous(memory_format=fmt)
         residual = None if residual is None else residual.contiguous(memory_format=fmt)
         mean, var = k.stats(x)
-        count, mean, var = _gather_moments(x.numel() // x.shape[1], mean, var, group)
-        _verify_batch_size(x, count)
+        local = x.numel() // x.shape[1]
+        count, mean, var = _gather_moments(local, mean, var, group)
+        if local == 1:  # only then can the global count be 1: the one case worth a host sync
+            _verify_batch_size(x, int(count.item()))
         invstd = torch.rsqrt(var + eps)
         scale, shift = bnops.scale_shift(weight, bias, mean, invstd)
         y = k.apply(x, scale, shift, residual, relu)

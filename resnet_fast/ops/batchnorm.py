@@ -1,26 +1,28 @@
-"""Training batch norm (+ residual) (+ ReLU): one functional torch.library op with autograd.
+"""Training batch norm (+ residual) (+ ReLU) as two torch.library ops, with autograd.
 
-    y, mean, invstd = resnet_fast::bn_act_train(x, weight, bias, residual, relu, eps)
+    y, mean, var, invstd = bn_act_train(x, weight, bias, residual, relu, eps[, running stats])
     y = act((x - mean) * invstd * weight + bias (+ residual)), statistics over all dims but 1
 
-Forward: per-channel batch mean and biased variance (tiles reduced in two passes and merged with
-Chan's (count, mean, M2) formula, never E[x^2] - E[x]^2), then one apply pass
-y = act(x * scale + shift (+ residual)) with scale = weight * invstd, shift = bias - mean * scale.
-Backward (resnet_fast::bn_act_backward): one reduction pass, sums of dy' and dy' * (x - mean) per
-channel with dy' = dy masked by the ReLU, and one elementwise pass giving dx and the residual's
-gradient (dy'). Saved: x (kept alive anyway as the conv's output), mean and invstd; no pre-activation
-tensor. The mask is recomputed from x (x*scale + shift > 0); with a residual it is read from the
-output (y > 0, as torch's relu backward), which the next block's conv keeps alive anyway, so the
-residual itself is not kept.
+resnet_fast::bn_batch_stats: per-channel batch mean and biased variance (tiles reduced in two passes and
+merged with Chan's (count, mean, M2) formula, never E[x^2] - E[x]^2), invstd, scale = weight * invstd,
+shift = bias - mean * scale, and nn.BatchNorm2d's update of the running statistics, which the op
+declares as mutated. It is not differentiable (called on detached tensors): the gradient through the
+statistics is part of the next op's backward.
+resnet_fast::bn_act_apply: y = act(x * scale + shift (+ residual)), one elementwise pass. Its backward
+(resnet_fast::bn_act_backward) is the whole batch-norm gradient: one reduction pass, sums of dy' and
+dy' * (x - mean) per channel with dy' = dy masked by the ReLU as torch's relu backward masks it, and
+one elementwise pass giving dx and the residual's gradient (dy'). Saved: x (kept alive anyway as the
+conv's output), mean, invstd, scale, shift; no pre-activation tensor. The mask is recomputed from x;
+with a residual it is read from the output (as torch's relu backward), which the next block's conv
+keeps alive anyway, so the residual itself is not kept.
 
-Running statistics are not touched here: nn/batchnorm.py updates them from the returned mean and
-the variance, outside the op (autotuned kernels must never write buffers). The per-step kernels
-behind the ops come from `kernels_for(x)`: Triton, resnet_fast._C (C++/CUDA) or plain PyTorch.
+The kernels behind the ops come from `kernels_for(x)`: Triton (two launches for the statistics, one
+for the apply, three for the backward), resnet_fast._C (C++/CUDA) or plain PyTorch.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,14 +32,18 @@ from .backend import backend_for
 from .fused import _layout
 
 
-class Kernels(Protocol):
-    """One backend's batch-norm kernels; x, dy, residual dense in one format, vectors in x's math type."""
+class Kernels:
+    """One backend's batch-norm kernels; x, dy, residual dense in one format, vectors in x's math type.
 
-    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]: ...  # (mean, biased var)
+    Backends implement the four primitives; batch_stats and backward compose them (a backend with
+    fused kernels for those, Triton, overrides them). SyncBatchNorm uses the primitives.
+    """
 
-    def apply(
-        self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool
-    ) -> Tensor: ...
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (mean, biased var)
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+        raise NotImplementedError
 
     def backward_reduce(
         self,
@@ -48,7 +54,8 @@ class Kernels(Protocol):
         output: Tensor | None,
         mean: Tensor,
         relu: bool,
-    ) -> tuple[Tensor, Tensor]: ...  # (sum dy', sum dy' * (x - mean)); see bn_act_backward
+    ) -> tuple[Tensor, Tensor]:  # (sum dy', sum dy' * (x - mean)); see bn_act_backward
+        raise NotImplementedError
 
     def backward_elemt(
         self,
@@ -63,7 +70,48 @@ class Kernels(Protocol):
         kc: Tensor,
         relu: bool,
         residual_grad: bool,
-    ) -> tuple[Tensor, Tensor | None]: ...  # (dx = ka*dy' + kb*(x - mean) + kc, dy' or None)
+    ) -> tuple[Tensor, Tensor | None]:  # (dx = ka*dy' + kb*(x - mean) + kc, dy' or None)
+        raise NotImplementedError
+
+    def batch_stats(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(mean, var, invstd, scale, shift), and the running statistics updated (see bn_batch_stats)."""
+        mean, var = self.stats(x)
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = scale_shift(weight, bias, mean, invstd)
+        if scale is invstd:  # no weight: op outputs must not alias each other
+            scale = invstd.clone()
+        if running_mean is not None:
+            factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(mean.dtype)
+            update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], factor)
+        return mean, var, invstd, scale, shift
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        output: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        relu: bool,
+        residual_grad: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """(dx, dy' or None, dweight, dbias) in the math type, with batch statistics."""
+        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, scale, shift, output, mean, relu)
+        ka, kb, kc = grad_coefficients(scale, invstd, sum_dy, sum_dy_xmu, x.numel() // x.shape[1])
+        dx, dres = self.backward_elemt(dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad)
+        return dx, dres, sum_dy_xmu * invstd, sum_dy
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
@@ -75,7 +123,7 @@ def _cview(v: Tensor, x: Tensor) -> Tensor:
     return v.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-class TorchKernels:
+class TorchKernels(Kernels):
     """Plain PyTorch, the same math as the fused kernels: for the 'torch' backend and devices without kernels."""
 
     @staticmethod
@@ -96,7 +144,7 @@ class TorchKernels:
         g = dy.to(scale.dtype)
         if relu:
             pre = self._pre(x, scale, shift, None) if output is None else output
-            g = torch.where(pre > 0, g, 0)
+            g = torch.where(pre <= 0, 0, g)  # torch's relu backward: NaN passes dy on
         return g
 
     def backward_reduce(self, dy, x, scale, shift, output, mean, relu):
@@ -110,7 +158,7 @@ class TorchKernels:
         return dx.to(x.dtype), (g.to(x.dtype, copy=True) if residual_grad else None)  # never dy itself
 
 
-class CppKernels:
+class CppKernels(Kernels):
     """resnet_fast._C: C++ (at::vec, at::parallel_for; AVX2+FMA where the CPU has it) on the CPU, CUDA C++
     on GPUs. The apply pass is bn_apply (the CPU arithmetic the backward's mask recomputes)."""
 
@@ -129,8 +177,9 @@ class CppKernels:
         )
 
 
-class TritonKernels:
-    """Triton kernels (kernels/triton/batchnorm.py) and the shared scale_shift_act for the apply pass."""
+class TritonKernels(Kernels):
+    """Triton kernels (kernels/triton/batchnorm.py) and the shared scale_shift_act for the apply pass;
+    batch_stats and backward are fused (2 and 3 launches)."""
 
     def stats(self, x):
         from ..kernels.triton import batchnorm
@@ -151,6 +200,18 @@ class TritonKernels:
         from ..kernels.triton import batchnorm
 
         return batchnorm.backward_elemt(dy, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad)
+
+    def batch_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+        from ..kernels.triton import batchnorm
+
+        return batchnorm.batch_stats(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked
+        )
+
+    def backward(self, dy, x, scale, shift, output, mean, invstd, relu, residual_grad):
+        from ..kernels.triton import batchnorm
+
+        return batchnorm.backward(dy, x, scale, shift, output, mean, invstd, relu, residual_grad)
 
 
 _KERNELS: dict[str, Kernels] = {"triton": TritonKernels(), "cpp": CppKernels(), "torch": TorchKernels()}
@@ -195,6 +256,24 @@ def grad_coefficients(scale: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xmu:
     return GradCoefficients(scale, kb, kc)
 
 
+@torch.no_grad()
+def update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int | Tensor,
+    factor: float | Tensor,
+) -> None:
+    """nn.BatchNorm2d's update: running = (1 - factor) * running + factor * batch value, with the unbiased
+    variance var * n / (n - 1). Tensor arithmetic only (count and factor may be tensors): no host sync."""
+    unbiased = var * (
+        count / (count - 1).clamp(min=1) if isinstance(count, Tensor) else count / max(count - 1, 1)
+    )
+    running_mean.copy_(running_mean * (1 - factor) + mean.to(running_mean.dtype) * factor)
+    running_var.copy_(running_var * (1 - factor) + unbiased.to(running_var.dtype) * factor)
+
+
 def check_inputs(
     op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None
 ) -> None:
@@ -218,31 +297,58 @@ def _dense(t: Tensor | None, fmt: torch.memory_format) -> Tensor | None:
 # ---------------------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("resnet_fast::bn_act_train", mutates_args=())
-def bn_act_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, relu: bool, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, var, invstd): batch norm with batch statistics (+ residual) (+ ReLU).
+@torch.library.custom_op("resnet_fast::bn_batch_stats", mutates_args=("running_mean", "running_var"))
+def bn_batch_stats(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, biased var, invstd, scale, shift) per channel in the math type (float32, float64 for float64
+    x); invstd = 1/sqrt(var + eps), scale = weight * invstd, shift = bias - mean * scale (scale_shift).
 
-    mean, biased var and invstd = 1/sqrt(var + eps) are per channel in the math type (float32, float64
-    for float64 x); y has x's dtype and layout.
+    With running_mean and running_var: nn.BatchNorm2d's update of them, in place, with factor momentum,
+    or 1 / num_batches_tracked when momentum is None (the caller increments num_batches_tracked first).
     """
-    check_inputs("bn_act_train", x, weight, bias, residual)
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    return kernels_for(x).batch_stats(
+        x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked
+    )
+
+
+@bn_batch_stats.register_fake
+def _(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+    c, dt = x.shape[1], opmath(x.dtype)
+    return tuple(x.new_empty(c, dtype=dt) for _ in range(5))
+
+
+@torch.library.custom_op("resnet_fast::bn_act_apply", mutates_args=())
+def bn_act_apply(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    mean: Tensor,
+    invstd: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+) -> Tensor:
+    """act(x * scale + shift (+ residual)) in x's dtype and layout, where (mean, invstd, scale, shift) are
+    bn_batch_stats(x, weight, bias, ...): the backward is batch norm's, through the statistics too."""
     fmt = _layout(x)
     x, residual = x.contiguous(memory_format=fmt), _dense(residual, fmt)
-    k = kernels_for(x)
-    mean, var = k.stats(x)
-    invstd = torch.rsqrt(var + eps)
-    scale, shift = scale_shift(weight, bias, mean, invstd)
-    y = k.apply(x, scale, shift, residual, relu)
-    return y.contiguous(memory_format=fmt), mean, var, invstd
+    return kernels_for(x).apply(x, scale, shift, residual, relu).contiguous(memory_format=fmt)
 
 
-@bn_act_train.register_fake
-def _(x, weight, bias, residual, relu, eps):
-    c, dt = x.shape[1], opmath(x.dtype)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
-    return y, x.new_empty(c, dtype=dt), x.new_empty(c, dtype=dt), x.new_empty(c, dtype=dt)
+@bn_act_apply.register_fake
+def _(x, weight, bias, residual, relu, mean, invstd, scale, shift):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
 
 @torch.library.custom_op("resnet_fast::bn_act_backward", mutates_args=())
@@ -254,31 +360,31 @@ def bn_act_backward(
     output: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
+    scale: Tensor,
+    shift: Tensor,
     relu: bool,
     residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dresidual) of bn_act_train; dweight/dbias are empty when their input is
-    None, dresidual unless residual_grad. output (the forward's y) gives the ReLU mask, y > 0; None
-    recomputes it from x."""
+    """(dx, dweight, dbias, dresidual) of bn_act_apply with batch statistics; dweight/dbias are empty
+    when their input is None, dresidual unless residual_grad. output (the forward's y) gives the ReLU
+    mask, y <= 0; None recomputes it from x."""
     fmt = _layout(x)
     x, grad_y, output = (
         x.contiguous(memory_format=fmt),
         grad_y.contiguous(memory_format=fmt),
         _dense(output, fmt),
     )
-    k = kernels_for(x)
-    scale, shift = scale_shift(weight, bias, mean, invstd)
-    sum_dy, sum_dy_xmu = k.backward_reduce(grad_y, x, scale, shift, output, mean, relu)
-    ka, kb, kc = grad_coefficients(scale, invstd, sum_dy, sum_dy_xmu, x.numel() // x.shape[1])
-    dx, dres = k.backward_elemt(grad_y, x, scale, shift, output, mean, ka, kb, kc, relu, residual_grad)
-    dweight = x.new_empty(0) if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
-    dbias = x.new_empty(0) if bias is None else sum_dy.to(bias.dtype)
+    dx, dres, dweight, dbias = kernels_for(x).backward(
+        grad_y, x, scale, shift, output, mean, invstd, relu, residual_grad
+    )
+    dweight = x.new_empty(0) if weight is None else dweight.to(weight.dtype)
+    dbias = x.new_empty(0) if bias is None else dbias.to(bias.dtype)
     dres = x.new_empty(0) if dres is None else dres.contiguous(memory_format=fmt)
     return dx.contiguous(memory_format=fmt), dweight, dbias, dres
 
 
 @bn_act_backward.register_fake
-def _(grad_y, x, weight, bias, output, mean, invstd, relu, residual_grad):
+def _(grad_y, x, weight, bias, output, mean, invstd, scale, shift, relu, residual_grad):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
     dweight = x.new_empty(0) if weight is None else weight.new_empty(weight.shape)
     dbias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
@@ -293,22 +399,62 @@ def mask_source(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor | None
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, residual, relu, _ = inputs
-    y, mean, var, invstd = output
+    x, weight, bias, residual, relu, mean, invstd, scale, shift = inputs
     ctx.relu = relu
     ctx.has = (weight is not None, bias is not None, residual is not None)
-    ctx.save_for_backward(x, weight, bias, mask_source(y, residual, relu), mean, invstd)
-    ctx.mark_non_differentiable(mean, var, invstd)
+    ctx.save_for_backward(x, weight, bias, mask_source(output, residual, relu), mean, invstd, scale, shift)
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_var, _grad_invstd):
-    x, weight, bias, output, mean, invstd = ctx.saved_tensors
+def _backward(ctx, grad_y):
+    x, weight, bias, output, mean, invstd, scale, shift = ctx.saved_tensors
     has_w, has_b, has_r = ctx.has
-    dx, dweight, dbias, dres = bn_act_backward(grad_y, x, weight, bias, output, mean, invstd, ctx.relu, has_r)
-    return dx, dweight if has_w else None, dbias if has_b else None, dres if has_r else None, None, None
+    dx, dweight, dbias, dres = bn_act_backward(
+        grad_y, x, weight, bias, output, mean, invstd, scale, shift, ctx.relu, has_r
+    )
+    grads = (dx, dweight if has_w else None, dbias if has_b else None, dres if has_r else None)
+    return *grads, None, None, None, None, None
 
 
-bn_act_train.register_autograd(_backward, setup_context=_setup)
+bn_act_apply.register_autograd(_backward, setup_context=_setup)
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def bn_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float | None = 0.1,
+    num_batches_tracked: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, invstd): batch norm with batch statistics (+ residual) (+ ReLU), differentiable in
+    x, weight, bias and residual; the running statistics, when given, updated as bn_batch_stats says.
+
+    mean, biased var and invstd are per channel in the math type (float32, float64 for float64 x); y has
+    x's dtype and layout.
+    """
+    check_inputs("bn_act_train", x, weight, bias, residual)
+    # The statistics op sees detached tensors: its outputs carry no graph, bn_act_apply's backward
+    # differentiates through them.
+    mean, var, invstd, scale, shift = bn_batch_stats(
+        x.detach(),
+        _detach(weight),
+        _detach(bias),
+        eps,
+        running_mean,
+        running_var,
+        momentum,
+        num_batches_tracked,
+    )
+    y = bn_act_apply(x, weight, bias, residual, relu, mean, invstd, scale, shift)
+    return y, mean, var, invstd
 
 
 def batch_norm_act(
@@ -319,6 +465,6 @@ def batch_norm_act(
     relu: bool = True,
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): act(batch_norm(x) (+ residual)) with batch statistics, through the fused op."""
+    """(y, mean, var): act(batch_norm(x) (+ residual)) with batch statistics, through the fused ops."""
     y, mean, var, _ = bn_act_train(x, weight, bias, residual, relu, eps)
     return y, mean, var

@@ -1,6 +1,12 @@
 """Per conv shape on CUDA: Triton implicit-GEMM conv with fused epilogue, or cuDNN conv followed
-by the Triton epilogue, whichever measured faster. Measured once per shape and GPU, kept in
-memory and on disk, so a fused model is never slower than cuDNN layer by layer.
+by the Triton epilogue, whichever measured faster. Measured once per shape (batch bucketed) and GPU,
+kept in memory and on disk, so a fused model is never slower than cuDNN layer by layer.
+
+Timing: each sample is one CUDA event pair around LAUNCHES back-to-back calls (one call per pair would
+measure the host's launch latency, tens of us, not the GPU's work), rounds interleave the paths, the
+medians decide. Nothing is timed or tuned during CUDA graph capture (it would synchronize and break the
+capture): there, a key takes cuDNN unless its chosen path already ran (so was tuned and compiled) in
+this process, and nothing is cached.
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ class Choice:
     cudnn_ms: float | None
 
 
+LAUNCHES = 10  # calls per event pair
+ROUNDS = 5  # samples per path, interleaved
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size as the key sees it: the next power of two, so nearby batch sizes share a choice."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def conv_key(
     x_shape: tuple[int, ...],
     w_shape: tuple[int, ...],
@@ -35,7 +50,8 @@ def conv_key(
     groups: int,
     has_residual: bool,
 ) -> str:
-    """What decides a conv's speed: shapes, dtype, geometry, epilogue (ReLU costs nothing)."""
+    """What decides a conv's speed: shapes (batch bucketed), dtype, geometry, epilogue (ReLU costs nothing)."""
+    x_shape = (batch_bucket(x_shape[0]), *x_shape[1:])
     return (
         f"x{list(x_shape)} w{list(w_shape)} {str(dtype).removeprefix('torch.')} s{list(stride)} "
         f"p{list(padding)} d{list(dilation)} g{groups} res{int(has_residual)} tf32{int(_tf32())}"
@@ -43,7 +59,9 @@ def conv_key(
 
 
 def _tf32() -> bool:
-    return bool(torch.backends.cudnn.allow_tf32)
+    from ..kernels.triton.conv import allow_tf32  # the flag the Triton conv follows
+
+    return allow_tf32()
 
 
 def cache_file() -> Path:
@@ -96,45 +114,53 @@ class ChoiceCache:
 CACHE = ChoiceCache()
 
 
-def cuda_timer(fn: Callable[[], object], rounds: int = 10) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def cuda_timer(fn: Callable[[], object], launches: int = LAUNCHES) -> float:
+    """Milliseconds per call of fn(), from one CUDA event pair around `launches` back-to-back calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / launches
 
 
 def measure(
-    run: dict[str, Callable[[], object]], timer: Callable[[Callable[[], object], int], float] | None = None
+    run: dict[str, Callable[[], object]], timer: Callable[[Callable[[], object]], float] | None = None
 ) -> Choice:
-    """Time each path (after a warm-up call that also autotunes Triton), rounds interleaved."""
+    """Time each path (after a warm-up call that also autotunes Triton): ROUNDS samples per path, the
+    rounds interleaved so that clock and thermal drift hit both paths alike; medians decide."""
     timer = timer or cuda_timer
     for fn in run.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in run}
-    for _ in range(5):
+    for _ in range(ROUNDS):
         for name, fn in run.items():
-            samples[name].append(timer(fn, 3))
+            samples[name].append(timer(fn))
     ms = {name: statistics.median(values) for name, values in samples.items()}
     # Ties go to cuDNN: the promise is "never slower than cuDNN".
     path = "triton" if ms["triton"] < ms["cudnn"] else "cudnn"
     return Choice(path, ms["triton"], ms["cudnn"])
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# Keys whose chosen path ran outside capture in this process: tuned, compiled, safe to replay in a graph.
+_RAN: set[str] = set()
+
+
 def choose(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCache | None = None) -> str:
-    """The path for this conv: cached, else measured now, else (during CUDA graph capture,
-    where nothing can be timed) cuDNN without caching."""
+    """The path for this conv: cached, else measured now. During CUDA graph capture, the cached path
+    only if it already ran in this process (a "triton" choice read from disk would otherwise send the
+    capture into an untuned autotuner), else cuDNN; nothing is measured or cached there."""
     cache = cache or CACHE
     known = cache.get(key)
-    if known is not None:
-        return known.path
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return "cudnn"
-    choice = measure(run)
-    cache.put(key, choice)
-    return choice.path
+    if _capturing():
+        return known.path if known is not None and key in _RAN else "cudnn"
+    if known is None:
+        known = measure(run)
+        cache.put(key, known)
+    _RAN.add(key)  # the caller runs the path now (measure ran both)
+    return known.path

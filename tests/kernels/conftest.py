@@ -25,7 +25,33 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Shared memory per block (opt-in maximum) of the chips we ship for.
 SMEM_LIMIT = {80: 167936, 90: 233472}
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+
+
+def _interpreter_scalars_index_as_triton_3_8() -> None:
+    """Under the interpreter a scalar kernel argument is a one-element array; triton 3.6 turns it into
+    a Python int (range(0, K, BLOCK), ...) with int(array), which numpy 2 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"). Triton 3.8 squeezes first: do the same on older ones."""
+    try:
+        from triton.runtime import interpreter
+
+        original = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+
+    def patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scalars_index_as_triton_3_8()
 
 
 @pytest.fixture(scope="session")
@@ -46,23 +72,28 @@ def run_under_interpreter():
 def aot_compile():
     """Compile a @triton.jit kernel for sm_<cc> without a GPU; check it fits the chip's shared memory.
 
-    `pointers` maps pointer arguments to their torch dtype; other non-constexpr arguments are i32.
-    `divisible` names the arguments a real launch sees as multiples of 16 (aligned pointers, channel
-    counts): the JIT specializes on that, and it decides vector width and cp.async pipelining.
+    `pointers` maps pointer arguments to their torch dtype; `floats` names fp32 scalars; other
+    non-constexpr arguments are i32. `divisible` names the arguments a real launch sees as multiples of
+    16 (aligned pointers, channel counts): the JIT specializes on that, and it decides vector width and
+    cp.async pipelining. `options` go to the compiler (enable_fp_fusion=False, as the launch passes it).
     """
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def compile_(fn, pointers: dict, constexprs: dict, divisible, cc: int, num_warps: int, num_stages: int):
+    def compile_(
+        fn, pointers: dict, constexprs: dict, divisible, cc: int, num_warps: int, num_stages: int,
+        floats=(), **options,
+    ):  # fmt: skip
         sig = {a: "i32" for a in fn.arg_names}
+        sig.update({k: "fp32" for k in floats})
         sig.update({k: "*" + _TRITON_TYPE[dt] for k, dt in pointers.items()})
         sig.update({k: "constexpr" for k in constexprs})
         assert set(sig) == set(fn.arg_names), "signature out of date with the kernel"
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
+        options = {"num_warps": num_warps, "num_stages": num_stages, **options}
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
         assert compiled.metadata.shared <= SMEM_LIMIT[cc], (

@@ -177,13 +177,137 @@ def test_rejects_bad_shapes():
         conv.conv_bias_act(x, torch.randn(8, 6, 1, 1), None, residual=torch.randn(1, 8, 4, 4))
 
 
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate_like_torch(dtype, no_tf32, request):
+    """Image 0 with a NaN patch, image 1 with one Inf pixel, image 2 with a NaN in the residual, image 3
+    clean: NaN and Inf exactly where PyTorch's conv (+ bias + residual, ReLU) has them, image 3 as in
+    the parity tests."""
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("interpreter_bf16")
+    cin, cout, k, stride, padding, dilation, groups, (h, w) = CASES["3x3-channel-blocks"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, cin, h, w, generator=g)
+    x[0, :, 2:4, 2:4] = float("nan")
+    x[1, 5, 3, 3] = float("inf")
+    weight = torch.randn(cout, cin, k, k, generator=g) / math.sqrt(cin * k * k)
+    bias = torch.randn(cout, generator=g)
+    res = torch.randn(4, cout, h, w, generator=g)
+    res[2, 3, 1, 1] = float("nan")
+    x, weight, bias, res = (t.to(dtype) for t in (x, weight, bias, res))
+    x, res = (t.contiguous(memory_format=torch.channels_last) for t in (x, res))
+    conv_args = dict(
+        stride=(stride, stride), padding=(padding, padding), dilation=(dilation,) * 2, groups=groups
+    )
+    out = conv.conv_bias_act(x, weight, bias, res, relu=True, **conv_args)
+    expected = reference(x, weight, bias, res, True, conv_args)
+    assert torch.equal(out.isnan(), expected.isnan()), out.isnan().nonzero().tolist()
+    assert torch.equal(out.isinf(), expected.isinf()), out.isinf().nonzero().tolist()
+    assert expected[0].isnan().any() and expected[1].isinf().any() and expected[2].isnan().sum() == 1
+    check(out[3:], x[3:], weight, bias, res[3:], True, conv_args)
+
+
+def _resnet50_convs():
+    """(name, weight shape, stride, padding, input shape for batch 1) of torchvision's ResNet-50 at
+    224x224, from forward hooks on the meta device: shapes only, no kernel runs."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    convs = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(
+                lambda m, inputs, _, name=name: convs.append(
+                    (name, m.weight.shape, m.stride, m.padding, inputs[0].shape)
+                )
+            )
+    model(torch.empty(1, 3, 224, 224, device="meta"))
+    return convs
+
+
+@not_interpreted
+def test_resnet50_tuning_cost(monkeypatch):
+    """What autotuning a fused ResNet-50 eval forward costs at batches 1, 8, 64 and 256 (224x224): tuning
+    keys (each times at most 3 configs), and compiles (every timed config, plus one per other epilogue
+    variant of a tuned key). The launcher computes the keys, as in a real forward, from meta tensors."""
+    named = conv._conv_fwd_kernel.arg_names
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                nargs = dict(zip(named, args, strict=False))  # constexprs come as keywords
+                # triton's Autotuner key: the key arguments, then the dtype of every tensor argument
+                key = tuple(nargs[k] for k in conv.TUNING_KEY if k in nargs) + tuple(
+                    meta[k] for k in conv.TUNING_KEY if k in meta
+                )
+                key += tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
+                configs = conv._prune(conv.CONV_CONFIGS, nargs, **meta)
+                seen.append((key, tuple(sorted(meta.items())), configs))
+
+            return launch
+
+    monkeypatch.setattr(conv, "_conv_fwd_autotuned", Recorder())
+    convs = _resnet50_convs()
+    assert len(convs) == 53
+    totals = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        keys, variants = {}, set()
+        for batch in (1, 8, 64, 256):
+            for name, w_shape, stride, padding, x_shape in convs:
+                x = torch.empty((batch, *x_shape[1:]), device="meta", dtype=dtype)
+                w = torch.empty(w_shape, device="meta", dtype=dtype)
+                n, _, h, wd = x.shape
+                oh, ow = (
+                    (h + 2 * padding[0] - w_shape[2]) // stride[0] + 1,
+                    (wd + 2 * padding[1] - w_shape[3]) // stride[1] + 1,
+                )
+                res = (
+                    torch.empty((n, w_shape[0], oh, ow), device="meta", dtype=dtype)
+                    if name.endswith("conv3")
+                    else None
+                )
+                conv.conv_bias_act(
+                    x, w, w.new_empty(w_shape[0]), res, "downsample" not in name, stride, padding
+                )
+            new_keys = {key for key, _, _ in seen} - keys.keys()
+            for key, meta, configs in seen:
+                assert 1 <= len(configs) <= conv.MAX_CONFIGS
+                keys[key] = len(configs)
+                variants.add((key, meta))
+            print(f"ResNet-50 eval {dtype} batch {batch}: {len(new_keys)} new tuning keys")
+            seen.clear()
+        timed = sum(n for n in keys.values() if n > 1)  # a single candidate is not timed
+        compiles = sum(keys.values()) + len(variants) - len(keys)
+        totals[dtype] = (len(keys), timed, compiles)
+        print(f"ResNet-50 eval {dtype}, batches 1/8/64/256: {len(keys)} tuning keys, {timed} configs timed, "
+              f"{compiles} compiles")  # fmt: skip
+    # Before: 6 configs per key and M in the key, ~550 compiles for these four batch sizes.
+    for n_keys, timed, compiles in totals.values():
+        assert n_keys <= 80 and timed <= 3 * n_keys and compiles <= 200, totals
+
+
+def test_configs_by_shape_fit_shared_memory():
+    """At most MAX_CONFIGS per shape and dtype, each fitting the shared-memory budget (sm_80 and sm_90)."""
+    for dtype in DTYPES:
+        size = torch.empty((), dtype=dtype).element_size()
+        for m in (49, 3136, 12544, 2**16, 2**22):
+            for cout_g in (4, 32, 64, 128, 512, 2048):
+                configs = conv.configs_for(m, cout_g, dtype)
+                assert 1 <= len(configs) <= conv.MAX_CONFIGS
+                assert all(conv._fits(c, size) and c in conv.CONV_CONFIGS for c in configs)
+    assert conv.m_bucket(49) == 64 and conv.m_bucket(3136) == 4096 and conv.m_bucket(10**7) == 2**16
+    assert conv.configs_for(3136, 256, torch.float16) == conv.configs_for(4000, 256, torch.float16)
+
+
 # ---------------------------------------------------------------- ahead-of-time compiles, no GPU
 
 POINTERS = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr")
-# A 64-channel layer: every pointer, channel count and NHWC stride is a multiple of 16.
+# A 64-channel layer: every pointer, channel count and NHWC stride is a multiple of 16 (M is never
+# specialized: do_not_specialize).
 DIVISIBLE = {
-    False: POINTERS + ("M", "CIN_G", "COUT", "COUT_G", "stride_xn", "stride_xh", "stride_xw"),
-    True: POINTERS + ("M", "COUT", "COUT_G"),  # stem-like: 3 input channels
+    False: POINTERS + ("CIN_G", "COUT", "COUT_G", "stride_xn", "stride_xh", "stride_xw"),
+    True: POINTERS + ("COUT", "COUT_G"),  # stem-like: 3 input channels
 }
 # fp32 runs as TF32 (torch's default for convs) or as exact fp32 FMA: different code, both compiled.
 PRECISIONS = [
@@ -200,7 +324,7 @@ AOT_CASES = [
     for dtype, prec in PRECISIONS
     for flat in (False, True)
     for i, cfg in enumerate(conv.CONV_CONFIGS)
-    if cfg in conv._configs_for(dtype)
+    if conv._fits(cfg, torch.empty((), dtype=dtype).element_size())
 ]
 
 
@@ -229,7 +353,10 @@ def compile_conv(aot_compile, dtype, precision, flat, config, cc):
 @not_interpreted
 @pytest.mark.parametrize("dtype, precision, flat, index, cc", AOT_CASES)
 def test_aot_compile(aot_compile, dtype, precision, flat, index, cc):
-    compile_conv(aot_compile, dtype, precision, flat, conv.CONV_CONFIGS[index], cc)
+    compiled = compile_conv(aot_compile, dtype, precision, flat, conv.CONV_CONFIGS[index], cc)
+    # The epilogue's ReLU keeps NaN (max.NaN.f32): a NaN-dropping max.f32 would hide corrupted inputs.
+    assert "max.NaN.f32" in compiled.asm["ptx"]
+    assert not re.findall(r"\bmax(?:\.ftz)?\.f32\b", compiled.asm["ptx"])
 
 
 @not_interpreted

@@ -105,6 +105,86 @@ def test_scale_shift_act(dtype, shape, layout, residual, relu, request):
     torch.testing.assert_close(out, expected, rtol=ulp_rtol(dtype), atol=1e-6)
 
 
+def _nonfinite(shape, dtype, seed):
+    """Image 0 with a NaN patch, image 1 with one Inf and one -Inf, the rest clean."""
+    t = make(shape, dtype, "channels_last", seed)
+    t[0, :, 1:3, 1:3] = float("nan")
+    t[1, 2, 0, 0], t[1, 0, 1, 1] = float("inf"), float("-inf")
+    return t
+
+
+def _same_nonfinite(out, expected):
+    assert torch.equal(out.isnan(), expected.isnan()), out.isnan().nonzero().tolist()
+    assert torch.equal(out.isinf(), expected.isinf()), out.isinf().nonzero().tolist()
+    assert torch.equal(out.isposinf(), expected.isposinf())
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate_like_torch(dtype, request):
+    """relu(NaN) = NaN as torch.relu (tl.maximum's default would give 0), NaN in the residual reaches
+    the output, Inf stays Inf; clean elements as in the parity tests above."""
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("interpreter_bf16")
+    shape = (3, 4, 4, 4)
+    x, res = _nonfinite(shape, dtype, 0), make(shape, dtype, "channels_last", 1)
+    res[2, 1, 3, 3] = float("nan")  # image 2: clean input, NaN residual
+    expected = (x.float() + res.float()).relu().to(dtype)
+    out = ew.add_relu(x, res)
+    _same_nonfinite(out, expected)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    for r in (res, None):
+        out = ew.scale_shift_act(x, scale, shift, r, relu=True)
+        expected = scale_shift_reference(x, scale, shift, r, True)
+        _same_nonfinite(out, expected)
+        torch.testing.assert_close(out, expected, rtol=ulp_rtol(dtype), atol=1e-6, equal_nan=True)
+
+
+@interpreter_only
+def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher enters common.on_device(input) around
+    its launches (checked here on CPU tensors: the guard is entered for the tensor, around each launch)."""
+    import contextlib
+
+    from resnet_fast.kernels.triton import batchnorm as tbn
+    from resnet_fast.kernels.triton import common, conv
+
+    guarded, launches = [], []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        guarded.append(t.device)
+        yield
+        guarded.pop()
+
+    monkeypatch.setattr(common, "on_device", on_device)
+    for module in (ew, tbn, conv):
+        for name in [n for n in dir(module) if n.endswith("_kernel")]:
+            kernel = getattr(module, name)
+
+            class Guarded:
+                def __getitem__(self, grid, kernel=kernel, name=name):
+                    def launch(*args, **kwargs):
+                        launches.append((name, list(guarded)))
+                        return kernel[grid](*args, **kwargs)
+
+                    return launch
+
+            monkeypatch.setattr(module, name, Guarded())
+    x = make((2, 8, 3, 3), torch.float32, "channels_last", 0)
+    v = torch.rand(8) + 0.5
+    ew.add_relu(x, x)
+    ew.scale_shift_act(x, v, v)
+    conv.conv_bias_act(x, torch.randn(8, 8, 3, 3), None, padding=(1, 1))
+    mean, _, invstd, scale, shift = tbn.batch_stats(x, v, v, 1e-5)
+    tbn.backward(x, x, scale, shift, None, mean, invstd, True, True)
+    assert {name for name, _ in launches} >= {"_add_relu_kernel", "_scale_shift_act_kernel", "_conv_fwd_kernel",
+                                             "_stats_kernel", "_stats_finalize_kernel", "_bwd_reduce_kernel",
+                                             "_bwd_finalize_kernel", "_bwd_elemt_kernel"}  # fmt: skip
+    assert all(devices == [x.device] for _, devices in launches), launches
+
+
 def test_rejects_bad_arguments():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError):
@@ -162,6 +242,34 @@ def test_aot_scale_shift_act(aot_compile, dtype, cc, channels_last):
         num_stages=1,
     )
     assert _offsets_are_64_bit(compiled)
+
+
+def assert_relu_keeps_nan(compiled):
+    """No NaN-dropping float max in the PTX: a ReLU must be max.NaN (or a compare and select)."""
+    ptx = compiled.asm["ptx"]
+    dropping = re.findall(r"\bmax(?!\.NaN)(?:\.ftz)?\.(?:f32|f16|bf16)(?:x2)?\b", ptx)
+    assert not dropping, dropping
+
+
+@not_interpreted
+@pytest.mark.parametrize("dtype, cc", AOT_CASES)
+def test_aot_relu_propagates_nan(aot_compile, dtype, cc):
+    common = dict(cc=cc, num_warps=ew.NUM_WARPS, num_stages=1)
+    for compiled in (
+        aot_compile(
+            ew._add_relu_kernel, pointers={"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype},
+            constexprs={"BLOCK": ew.BLOCK_SIZE}, divisible=("a_ptr", "b_ptr", "out_ptr", "n_elements"), **common,
+        ),
+        aot_compile(
+            ew._scale_shift_act_kernel,
+            pointers={"x_ptr": dtype, "scale_ptr": torch.float32, "shift_ptr": torch.float32, "res_ptr": dtype,
+                      "out_ptr": dtype},
+            constexprs={"HAS_RES": True, "RELU": True, "CHANNELS_LAST": True, "BLOCK": ew.BLOCK_SIZE},
+            divisible=("x_ptr", "scale_ptr", "shift_ptr", "res_ptr", "out_ptr", "n_elements", "C"), **common,
+        ),
+    ):  # fmt: skip
+        assert_relu_keeps_nan(compiled)
+        assert "max.NaN" in compiled.asm["ptx"]
 
 
 # ---------------------------------------------------------------- real GPU

@@ -222,9 +222,32 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_registered_ops_pass_opcheck():
     x, w, b, r = _make((2, 5, 3, 3), channels_last=True)
+    ops = torch.ops.resnet_fast
+    running = (torch.zeros(5), torch.ones(5))
+    torch.library.opcheck(ops.bn_batch_stats.default, (x, w, b, 1e-5, *running, 0.1, None))
+    torch.library.opcheck(ops.bn_batch_stats.default, (x, None, None, 1e-3, None, None, None, None))
+    torch.library.opcheck(ops.bn_batch_stats.default, (x, w, b, 1e-5, *running, None, torch.tensor(3)))
+    mean, var, invstd, scale, shift = ops.bn_batch_stats(x, w, b, 1e-5, None, None, None, None)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), r.requires_grad_()
-    torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (x, w, b, r, True, 1e-5))
-    torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (x, None, None, None, False, 1e-5))
-    y, mean, var, invstd = bnops.bn_act_train(x, w, b, r, True, 1e-5)
-    args = (torch.randn_like(y), x.detach(), w.detach(), b.detach(), y.detach(), mean, invstd, True, True)
-    torch.library.opcheck(torch.ops.resnet_fast.bn_act_backward.default, args)
+    stats = (mean, invstd, scale, shift)
+    torch.library.opcheck(ops.bn_act_apply.default, (x, w, b, r, True, *stats))
+    torch.library.opcheck(ops.bn_act_apply.default, (x, None, None, None, False, *stats))
+    y = ops.bn_act_apply(x, w, b, r, True, *stats)
+    args = (torch.randn_like(y), x.detach(), w.detach(), b.detach(), y.detach(), *stats, True, True)
+    torch.library.opcheck(ops.bn_act_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_op_updates_running_stats_in_place(backend):
+    """bn_batch_stats declares and does the update: nn.BatchNorm2d's numbers, momentum and cumulative."""
+    resnet_fast.set_backend(backend)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    for momentum in (0.3, None):
+        ref = nn.BatchNorm2d(6, momentum=momentum)
+        rm, rv, nbt = torch.zeros(6), torch.ones(6), torch.tensor(0)
+        for _ in range(2):
+            ref(x)
+            nbt.add_(1)
+            torch.ops.resnet_fast.bn_batch_stats(x, None, None, 1e-5, rm, rv, momentum, nbt)
+        _assert_fp32_close(rm, ref.running_mean, f"running_mean, momentum {momentum}")
+        _assert_fp32_close(rv, ref.running_var, f"running_var, momentum {momentum}")

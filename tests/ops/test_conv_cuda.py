@@ -102,3 +102,31 @@ def test_eval_resnet50_cuda_matches_torchvision():
     with torch.no_grad():
         expected = theirs(x)
         torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_nan_and_inf_propagate_like_torch(dtype, residual):
+    """NaN patch in image 0, one Inf pixel in image 1, a NaN in image 2's residual: the CUDA route (conv,
+    then the NaN-propagating epilogue) is non-finite exactly where PyTorch is; image 3 clean."""
+    (x, w, b, res), conv = _case((24, 72, 3, 1, 1, 1, 1, 9, 9), torch.float32, residual)
+    x, res = torch.cat([x, x]), None if res is None else torch.cat([res, res])
+    x[0, :, 2:5, 2:5] = float("nan")
+    x[1, 3, 4, 4] = float("inf")
+    if res is not None:
+        res[2, 5, 1, 1] = float("nan")
+    x, w, b = (t.to(dtype) for t in (x, w, b))
+    res = None if res is None else res.to(dtype)
+    out = ops.conv_bias_act(x, w, b, res, True, *conv)
+    expected = conv_ops._conv_torch(
+        x.float(), w.float(), b.float(), None if res is None else res.float(), True, *conv
+    )
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    assert out[0].isnan().any() and out[1].isnan().any()
+    # The epilogue alone (eval BN without a fused conv): NaN and Inf of its input and residual pass through.
+    y = conv_ops._conv_torch(x, w, None, None, False, *conv)
+    scale = torch.rand(72, device="cuda") + 0.5
+    out = ops.scale_shift_act(y, scale, scale, res, True)
+    ref = y.float() * scale[:, None, None] + scale[:, None, None]
+    ref = (ref if res is None else ref + res.float()).relu()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())

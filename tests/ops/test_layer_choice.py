@@ -1,15 +1,23 @@
 """Per-layer Triton-vs-cuDNN choice: the decision logic and its disk cache, with a fake timer (no GPU)."""
 
+import pytest
 import torch
 
 from resnet_fast.ops import layer_choice
 
 
 def _fake_timer(ms: dict[str, float]):
-    def timer(fn, rounds):
+    def timer(fn):
         return ms[fn()]
 
     return timer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process(monkeypatch):
+    """Each test starts as a new process would: no path ran yet, not capturing."""
+    monkeypatch.setattr(layer_choice, "_RAN", set())
+    monkeypatch.setattr(layer_choice, "_capturing", lambda: False)
 
 
 def test_measure_picks_the_faster_path_and_ties_go_to_cudnn():
@@ -24,7 +32,7 @@ def test_choice_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     cache = layer_choice.ChoiceCache(path)
     timed = []
 
-    def measure(run, timer=None):
+    def measure(run, timer=None):  # noqa: ARG001
         timed.append(1)
         return layer_choice.Choice("triton", 1.0, 2.0)
 
@@ -53,15 +61,81 @@ def test_key_separates_what_changes_speed():
     keys = {layer_choice.conv_key(**base)}
     for change in (
         dict(x_shape=(16, 64, 56, 56)),
+        dict(x_shape=(8, 64, 28, 28)),
         dict(dtype=torch.bfloat16),
         dict(stride=[2, 2]),
         dict(groups=2),
     ):
         keys.add(layer_choice.conv_key(**{**base, **change}))
-    assert len(keys) == 5
+    assert len(keys) == 6
+    # Batch sizes in one power-of-two bucket share a key (and a measurement).
+    assert layer_choice.conv_key(**{**base, "x_shape": (5, 64, 56, 56)}) == layer_choice.conv_key(**base)
+    assert layer_choice.conv_key(**{**base, "x_shape": (9, 64, 56, 56)}) != layer_choice.conv_key(**base)
+    assert [layer_choice.batch_bucket(n) for n in (1, 2, 3, 8, 9, 256)] == [1, 2, 4, 8, 16, 256]
 
 
 def test_unreadable_cache_file_means_measure_again(tmp_path):
     path = tmp_path / "choices.json"
     path.write_text("not json")
     assert layer_choice.ChoiceCache(path).get("anything") is None
+
+
+class _FakeEvent:
+    """torch.cuda.Event stand-in: its time is the number of fn() calls made so far (fake ms)."""
+
+    calls = 0
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = _FakeEvent.calls
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return float(end.t - self.t)
+
+
+def test_timer_runs_many_launches_per_event_pair(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    _FakeEvent.calls = 0
+
+    def fn():
+        _FakeEvent.calls += 1
+
+    assert layer_choice.cuda_timer(fn) == 1.0  # per call
+    assert _FakeEvent.calls == layer_choice.LAUNCHES >= 10
+
+
+def test_measure_interleaves_rounds_and_takes_medians():
+    order, ms = [], {"triton": iter([9.0, 1.0, 1.0, 1.0, 9.0]), "cudnn": iter([2.0] * 5)}
+
+    def timer(fn):
+        name = fn()
+        order.append(name)
+        return next(ms[name])
+
+    choice = layer_choice.measure({"triton": lambda: "triton", "cudnn": lambda: "cudnn"}, timer)
+    assert order == ["triton", "cudnn"] * layer_choice.ROUNDS  # interleaved, one warm-up call each before
+    assert choice == layer_choice.Choice("triton", 1.0, 2.0)  # medians: two outliers of 9 do not decide
+
+
+def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, monkeypatch):
+    cache = layer_choice.ChoiceCache(tmp_path / "choices.json")
+    cache.put("known", layer_choice.Choice("triton", 1.0, 2.0))  # as if read from disk
+    measured = []
+    monkeypatch.setattr(layer_choice, "measure", lambda run, timer=None: measured.append(1))
+    monkeypatch.setattr(layer_choice, "_capturing", lambda: True)
+    # Unknown key: cuDNN, nothing measured or cached.
+    assert layer_choice.choose("unknown", {}, cache) == "cudnn"
+    assert cache.get("unknown") is None and not measured
+    # Known "triton" from disk, but not run in this process yet (its autotuner is untuned): cuDNN.
+    assert layer_choice.choose("known", {}, cache) == "cudnn"
+    # Once it ran outside capture, the capture replays the choice.
+    monkeypatch.setattr(layer_choice, "_capturing", lambda: False)
+    assert layer_choice.choose("known", {}, cache) == "triton"
+    monkeypatch.setattr(layer_choice, "_capturing", lambda: True)
+    assert layer_choice.choose("known", {}, cache) == "triton"
+    assert not measured

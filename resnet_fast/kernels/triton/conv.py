@@ -12,39 +12,79 @@ import inspect
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-# Six configs: big tiles for wide layers, thin BLOCK_N for grouped convs (4..32 channels per
-# group). Those too big for fp32 shared memory are pruned per dtype (_configs_for).
-CONV_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-]
+from . import common
 
-# Pipelined operand buffers must fit the smallest target (sm_80: 164 KiB) with room for the epilogue.
+# The pool of tile shapes; _candidates picks at most three of them per conv shape and dtype, so one
+# tuning key costs at most three compiles and three short timings.
+_BIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3)
+_BIG_K64 = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)  # 16-bit
+_TALL = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4)
+_WIDE = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4)
+_SQUARE = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+_THIN = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4)
+CONV_CONFIGS = [_BIG, _BIG_K64, _TALL, _WIDE, _SQUARE, _THIN]
+MAX_CONFIGS = 3
+
+# Pipelined operand buffers must fit the smallest target (sm_80: 164 KiB; sm_90: 228 KiB) with room
+# for the epilogue, so one config set serves both.
 _SMEM_BUDGET = 128 * 1024
 
+# M (= N*OH*OW) in the tuning key is rounded up to a power of two, so batch sizes in one octave share a
+# tuning; past 2^16 rows (>= 512 tiles of 128, several waves on 108..132 SMs) the ranking of tile
+# shapes no longer depends on M, so larger batches share the last bucket.
+_M_BUCKET_MAX = 2**16
 
-def _configs_for(dtype: torch.dtype) -> list[triton.Config]:
-    """The configs whose pipelined A/B tiles fit shared memory for this input dtype."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return [
-        c
-        for c in CONV_CONFIGS
-        if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
-        <= _SMEM_BUDGET
-    ]
+
+def m_bucket(m: int) -> int:
+    """The tuning key's stand-in for M: next power of two, at least 16, at most _M_BUCKET_MAX."""
+    return min(max(16, triton.next_power_of_2(m)), _M_BUCKET_MAX)
+
+
+def _fits(config: triton.Config, element_size: int) -> bool:
+    kw = config.kwargs
+    return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size * config.num_stages <= _SMEM_BUDGET
+
+
+def _candidates(m_bucket_: int, cout_g: int, element_size: int) -> list[triton.Config]:
+    """At most MAX_CONFIGS configs worth timing for this shape, best guess first, all fitting shared memory.
+
+    Few output channels per group (grouped convs, 4..32): thin N tiles. Few rows (late layers at small
+    batch): 64-row tiles, so there are enough programs for the SMs. Otherwise big square tiles. Tiny
+    GEMMs (M <= 1024) get the first guess alone, untimed: their run time is mostly launch and one wave.
+    """
+    if cout_g <= 32:
+        order = [_THIN, _SQUARE, _TALL]
+    elif m_bucket_ <= 8192:
+        order = [_SQUARE, _WIDE, _TALL] if cout_g >= 128 else [_SQUARE, _TALL, _THIN]
+    elif cout_g <= 64:
+        order = [_TALL, _SQUARE, _BIG]
+    else:
+        order = [_BIG_K64, _BIG, _TALL, _WIDE]
+    fitting = [c for c in order if _fits(c, element_size)]
+    return fitting[:1] if m_bucket_ <= 1024 else fitting[:MAX_CONFIGS]
+
+
+def configs_for(m: int, cout_g: int, dtype: torch.dtype) -> list[triton.Config]:
+    """The configs the autotuner times for a conv with M rows and cout_g output channels per group."""
+    return _candidates(m_bucket(m), cout_g, torch.empty((), dtype=dtype).element_size())
 
 
 def _prune(configs, named_args, **kwargs):
-    # Autotuner hook: only time configs that fit for the input dtype.
-    return [c for c in configs if c in _configs_for(named_args["x_ptr"].dtype)]
+    # Autotuner hook: the arguments of one key give the same candidates (they depend on key values only).
+    return _candidates(named_args["M_BUCKET"], named_args["COUT_G"], named_args["x_ptr"].element_size())
 
 
-@triton.jit
+def _bench(kernel_call, quantiles):
+    # A short budget per config (triton's default is 25 ms warm-up + 100 ms): the ranking of tile
+    # shapes is clear within a few dozen runs, and compile time dominates the cost of a key anyway.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# M is not specialized: with it bucketed in the tuning key, a new batch size reuses the compiled binary
+# (its mask `rm < M` gains nothing from knowing that M is a multiple of 16).
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _conv_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -52,6 +92,7 @@ def _conv_fwd_kernel(
     res_ptr,
     out_ptr,
     M,
+    M_BUCKET,  # the autotuner's key for M (m_bucket), unused by the kernel
     H,
     W,
     OH,
@@ -140,7 +181,7 @@ def _conv_fwd_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = common.relu(acc)
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -152,10 +193,24 @@ _CACHE_KW = (
 # TRITON_INTERPRET=1 at import makes @triton.jit return an interpreter object instead of a JITFunction.
 _INTERPRET = not isinstance(_conv_fwd_kernel, triton.runtime.JITFunction)
 
+TUNING_KEY = [
+    "M_BUCKET",
+    "H",
+    "W",
+    "CIN_G",
+    "COUT",
+    "COUT_G",
+    "STRIDE_H",
+    "STRIDE_W",
+    "KH",
+    "KW",
+    "INPUT_PRECISION",
+]
 _conv_fwd_autotuned = triton.autotune(
     configs=CONV_CONFIGS,
-    key=["M", "H", "W", "CIN_G", "COUT", "COUT_G", "STRIDE_H", "STRIDE_W", "KH", "KW", "INPUT_PRECISION"],
+    key=TUNING_KEY,
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench,
     **_CACHE_KW,
 )(_conv_fwd_kernel)
 
@@ -172,9 +227,13 @@ def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * cin_g, cout).contiguous()
 
 
-def _allow_tf32() -> bool:
-    # torch's own conv obeys the cuDNN flag; following it keeps both paths on the same numerics.
-    return torch.backends.cudnn.allow_tf32
+def allow_tf32() -> bool:
+    """Whether torch's own fp32 conv may use TF32: the cuDNN conv flag (not the matmul one; its default is
+    on), so the Triton and cuDNN paths of a layer compute alike and TF32 is never on behind the user's back."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 when the new API set cuDNN conv and RNN apart: read the conv's own
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 def _pair(v) -> tuple[int, int]:
@@ -198,7 +257,7 @@ def conv_bias_act(
     """act(conv2d(x, weight) + bias (+ residual)), channels_last in and out, fp32 accumulation.
 
     `packed` is pack_weight(weight, groups) in x.dtype, cached by the caller. `config` forces one
-    of CONV_CONFIGS instead of autotuning (tests; the interpreter always uses the first one).
+    of CONV_CONFIGS instead of autotuning (tests; the interpreter takes the shape's first candidate).
     """
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -227,7 +286,7 @@ def conv_bias_act(
         return out
 
     cout_g = cout // groups
-    tf32 = x.dtype == torch.float32 and _allow_tf32()
+    tf32 = x.dtype == torch.float32 and allow_tf32()
     args = (
         x,
         packed,
@@ -235,6 +294,7 @@ def conv_bias_act(
         residual if residual is not None else out,
         out,
         m,
+        m_bucket(m),
         h,
         w,
         oh,
@@ -267,11 +327,12 @@ def conv_bias_act(
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
     if config is None and _INTERPRET:
-        config = CONV_CONFIGS[0]
-    if config is None:
-        _conv_fwd_autotuned[grid](*args, **meta)
-    else:
-        _conv_fwd_kernel[grid](
-            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+        config = configs_for(m, cout_g, x.dtype)[0]
+    with common.on_device(x):
+        if config is None:
+            _conv_fwd_autotuned[grid](*args, **meta)
+        else:
+            _conv_fwd_kernel[grid](
+                *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            )
     return out

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
+
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
@@ -20,7 +22,7 @@ def _add_relu_kernel(a_ptr, b_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
     mask = offs < n_elements
     a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
-    out = tl.maximum(a + b, 0.0)
+    out = common.relu(a + b)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -53,11 +55,13 @@ def _scale_shift_act_kernel(
         c = ((q % C).to(tl.int32) + r // INNER) % C
     scale = tl.load(scale_ptr + c, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * scale + shift
+    # An explicit FMA: the batch-norm backward recomputes this value for its ReLU mask and must get
+    # the same bits whatever the compiler would contract (batchnorm._pre_activation).
+    y = tl.fma(tl.load(x_ptr + offs, mask=mask).to(tl.float32), scale, shift)
     if HAS_RES:
         y += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = common.relu(y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -88,7 +92,10 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(a)
     n = a.numel()
     if n:
-        _add_relu_kernel[(triton.cdiv(n, BLOCK_SIZE),)](a, b, out, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        with common.on_device(a):
+            _add_relu_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+                a, b, out, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+            )
     return out
 
 
@@ -115,19 +122,20 @@ def scale_shift_act(
     n = x.numel()
     if n:
         inner = n // (x.shape[0] * c)  # elements per channel per sample in contiguous layout
-        _scale_shift_act_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-            x,
-            scale.contiguous(),
-            shift.contiguous(),
-            residual if residual is not None else x,  # dummy, never read
-            out,
-            n,
-            c,
-            inner,
-            HAS_RES=residual is not None,
-            RELU=relu,
-            CHANNELS_LAST=channels_last,
-            BLOCK=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-        )
+        with common.on_device(x):
+            _scale_shift_act_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+                x,
+                scale.contiguous(),
+                shift.contiguous(),
+                residual if residual is not None else x,  # dummy, never read
+                out,
+                n,
+                c,
+                inner,
+                HAS_RES=residual is not None,
+                RELU=relu,
+                CHANNELS_LAST=channels_last,
+                BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
     return out
