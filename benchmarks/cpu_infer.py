@@ -2,7 +2,11 @@
 prepacked weights) against torchvision eager channels_last and torch.compile with
 torch._inductor.config.freezing = True (channels_last), all in one process.
 
-    python benchmarks/cpu_infer.py [--rounds 15] [--batch 8] [--size 224] [--skip-bf16] [--skip-batch1]
+    python benchmarks/cpu_infer.py [--rounds 15] [--batch 8] [--size 224] [--skip-bf16] [--skip-batch1] [--peers]
+
+--peers adds onnxruntime (CPUExecutionProvider, intra-op threads = torch's) and OpenVINO (CPU,
+INFERENCE_PRECISION_HINT set to the dtype compared: it runs bf16 by itself on AVX512_BF16 CPUs)
+on the same torchvision weights (`pip install -e ".[peers]"`); the same builders as `resnet-fast bench --peers`.
 
 Every measurement is the median over interleaved rounds (resnet_fast._timing); ratios are the
 baseline's median over resnet_fast's. First-call ("warm-up") times are measured on fresh models:
@@ -13,9 +17,12 @@ Writes benchmarks/results/<machine-tag>-cpu_infer.json.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torchvision
@@ -68,6 +75,27 @@ def _run(label: str, fns: dict, rounds: int) -> dict:
     return stats
 
 
+def _peers(theirs: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> dict:
+    """onnxruntime and OpenVINO steps on `theirs`, for --peers (what is not installed is said and left out)."""
+    if not args.peers:
+        return {}
+    from resnet_fast import bench
+
+    steps = {}
+    for name, modules in bench.PEERS.items():
+        if name == "onnxruntime" and x.dtype != torch.float32:
+            continue  # its CPU convolutions have no bf16
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"  {name} left out: {', '.join(missing)} not installed (pip install -e '.[peers]')")
+            continue
+        setup = SimpleNamespace(dtype=x.dtype)
+        label = "openvino f32" if name == "openvino" and x.dtype == torch.float32 else name
+        label = "openvino bf16" if name == "openvino" and x.dtype == torch.bfloat16 else label
+        steps[label] = bench._peer_step(name, copy.deepcopy(theirs).float(), x, setup)
+    return steps
+
+
 def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     """First calls on fresh models, then steady state at batch N and batch 1."""
     ours, theirs = _models(torch.float32)
@@ -87,6 +115,7 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
             "resnet_fast": lambda: ours(x),
             "eager channels_last": lambda: theirs(x),
             "compile+freezing": lambda: compiled(x),
+            **_peers(theirs, x, args),
         },
         args.rounds,
     )
@@ -101,6 +130,7 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
             "resnet_fast": lambda: ours(x1),
             "eager channels_last": lambda: theirs(x1),
             "compile+freezing": lambda: compiled1(x1),
+            **_peers(theirs, x1, args),
         },
         args.rounds * 3,
     )
@@ -118,6 +148,7 @@ def _bf16(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
             "resnet_fast": lambda: ours(x),
             "eager channels_last": lambda: theirs(x),
             "compile+freezing": lambda: compiled(x),
+            **_peers(theirs, x, args),
         },
         args.rounds,
     )
@@ -130,6 +161,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-bf16", action="store_true")
     parser.add_argument("--skip-batch1", action="store_true")
+    parser.add_argument("--peers", action="store_true", help="add onnxruntime and OpenVINO (where installed)")
     args = parser.parse_args()
 
     resnet_fast.set_backend("cpp")

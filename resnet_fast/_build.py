@@ -70,6 +70,10 @@ def cuda_build_problem() -> tuple[str | None, str]:
         return None, f"torch {torch.__version__} is not a CUDA build"
     if os.environ.get("RESNET_FAST_SKIP_CUDA") == "1":
         return None, "RESNET_FAST_SKIP_CUDA=1"
+    # As torchvision, mmcv and detectron2 do: CUDA sources only where a GPU can run them (they
+    # take most of the build time), or when asked (CI compiles them to keep them building).
+    if os.environ.get("FORCE_CUDA") != "1" and not torch.cuda.is_available():
+        return None, "no CUDA GPU visible (FORCE_CUDA=1 compiles the CUDA sources anyway)"
     home = find_cuda_home()
     if home is None:
         return None, "nvcc not found (set CUDA_HOME to the CUDA toolkit folder)"

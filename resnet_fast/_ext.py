@@ -33,8 +33,7 @@ def _cache_dir(with_cuda: bool) -> Path:
 def _jit_build() -> ModuleType:
     if not _build.CSRC.is_dir():
         raise RuntimeError(f"C++ sources not found at {_build.CSRC}")
-    # CUDA sources only where a GPU can use them: they triple the build time.
-    cuda_home, _ = _build.cuda_build_problem() if torch.cuda.is_available() else (None, "")
+    cuda_home, _ = _build.cuda_build_problem()  # None without a GPU unless FORCE_CUDA=1
     # CUDA_HOME set even for a CPU build: torch's own guess from PATH is wrong here and warns.
     _build.prepare_env(cuda_home or _build.find_cuda_home())
     from torch.utils import cpp_extension

@@ -212,6 +212,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets that decide which CPU kernels run (oneDNN, MLAS, OpenVINO pick by these).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """The CPU's vector instruction sets among _ISA_FLAGS (Linux: /proc/cpuinfo), else []."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in _ISA_FLAGS if flag in flags]
+
+
 def machine_info(device: torch.device | None = None) -> dict:
     """The machine, versions and backend status, for result files."""
     from . import __version__
@@ -227,6 +241,7 @@ def machine_info(device: torch.device | None = None) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpus": gpus,

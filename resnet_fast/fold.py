@@ -47,14 +47,18 @@ def fold_conv_bn(
     """
     dtype = conv_weight.dtype if dtype is None else dtype
     math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
-    inv_std = torch.rsqrt(running_var.to(math) + eps)
-    scale = inv_std if bn_weight is None else bn_weight.to(math) * inv_std
-    weight = conv_weight.to(math) * scale.reshape(-1, 1, 1, 1)
-    bias = -running_mean.to(math) if conv_bias is None else conv_bias.to(math) - running_mean.to(math)
+
+    def m(t: Tensor) -> Tensor:  # no cast node where none is needed (exported graphs stay small)
+        return t if t.dtype == math else t.to(math)
+
+    inv_std = torch.rsqrt(m(running_var) + eps)
+    scale = inv_std if bn_weight is None else m(bn_weight) * inv_std
+    weight = m(conv_weight) * scale.reshape(-1, 1, 1, 1)
+    bias = -m(running_mean) if conv_bias is None else m(conv_bias) - m(running_mean)
     bias = bias * scale
     if bn_bias is not None:
-        bias = bias + bn_bias.to(math)
-    return weight.to(dtype), bias.to(dtype)
+        bias = bias + m(bn_bias)
+    return (weight, bias) if dtype == math else (weight.to(dtype), bias.to(dtype))
 
 
 @dataclass(eq=False)
@@ -64,6 +68,9 @@ class Folded:
     weight: Tensor
     bias: Tensor
     packed: dict = field(default_factory=dict)  # backend prepacked forms of `weight`, see packed_slot()
+    # Resolved backend calls (ops.conv_runner) by input shape, device, backend and epilogue: the
+    # per-layer plans of nn.fused, kept exactly as long as this fold is valid.
+    runners: dict = field(default_factory=dict)
 
 
 class _Cache:

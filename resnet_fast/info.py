@@ -35,6 +35,7 @@ def info() -> dict:
         "extension": {
             "usable": module is not None,
             "cuda": bool(module is not None and module.with_cuda),
+            "cuda why not": "" if module is not None and module.with_cuda else _cuda_sources_why_not(),
             "cpu threads": None
             if module is None
             else (f"{torch.get_num_threads()} (OpenMP)" if module.openmp else "1 (built without OpenMP)"),
@@ -45,10 +46,34 @@ def info() -> dict:
             "cpu bfloat16": conv_route("cpu", torch.bfloat16),
             "cuda": conv_route("cuda", torch.float32),
         },
+        "cpu bfloat16": _cpu_bf16(),
         "requested backend": backend.get_backend(),
         "backends": backend.status(),
         "auto choice": {dev: backend.backend_for(torch.device(dev)) for dev in ("cpu", "cuda")},
     }
+
+
+def _cpu_bf16() -> str:
+    """Whether this CPU multiplies bfloat16 natively or emulates it (converting to float32)."""
+    from ._timing import cpu_isa
+
+    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_isa()]
+    if native:
+        return f"native ({', '.join(native)})"
+    return "emulated: no AVX512_BF16/AMX here, bfloat16 runs through float32 arithmetic (expect float32 speed or less)"
+
+
+def _cuda_sources_why_not() -> str:
+    """Why the extension holds no CUDA code, and how to rebuild it with."""
+    from . import _build
+
+    home, why = _build.cuda_build_problem()
+    if home is None and "FORCE_CUDA" not in why:
+        return why
+    return (
+        f"{why + '; ' if why else ''}rebuild with them: "
+        "FORCE_CUDA=1 pip install --no-build-isolation -e . (from the repository)"
+    )
 
 
 def _version(package: str) -> str | None:
@@ -72,7 +97,8 @@ def format_info(data: dict) -> str:
         elif key == "extension":
             state = "usable" if value["usable"] else f"not usable: {value['why not']}"
             threads = f"; C++ CPU kernels on {value['cpu threads']} threads" if value["usable"] else ""
-            lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {value['cuda']}{threads})")
+            cuda = "yes" if value["cuda"] else f"no: {value['cuda why not']}"
+            lines.append(f"extension resnet_fast._C: {state} (CUDA sources: {cuda}{threads})")
         else:
             lines.append(f"{key}: {value}")
     return "\n".join(lines)

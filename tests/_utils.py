@@ -26,3 +26,23 @@ def like_fused(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module
     if resnet_fast.ops.backend_for(x.device) == "torch":
         return model, x
     return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
+def record_conv_calls(monkeypatch, backend: str, record, impl=None) -> None:
+    """Call record(x, w, b, residual, relu) on every conv the `backend` runs (ops.conv_runner's runners,
+    which the eval plans keep, so patch before the model's first forward); `impl` replaces the backend's
+    per-call function when given."""
+    from resnet_fast.ops import conv as conv_ops
+
+    make = conv_ops._per_call_runner(impl) if impl is not None else conv_ops._CONV_RUNNER[backend]
+
+    def counting(x, w, b, residual, relu, *conv):
+        run = make(x, w, b, residual, relu, *conv)
+
+        def counted(x, residual):
+            record(x, w, b, residual, relu)
+            return run(x, residual)
+
+        return counted
+
+    monkeypatch.setitem(conv_ops._CONV_RUNNER, backend, counting)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from _utils import record_conv_calls
 
 import resnet_fast
 from resnet_fast import _ext, ops
@@ -25,6 +26,22 @@ def test_cuda_sources_were_compiled_when_nvcc_is_present():
         pytest.skip(f"CUDA sources not buildable here: {why}")
     # The installed build compiles csrc/cuda/*.cu for sm_80/sm_90 whenever nvcc matches torch.
     assert _C.with_cuda
+
+
+def test_cuda_sources_only_with_a_gpu_or_force_cuda(monkeypatch):
+    """As torchvision/mmcv/detectron2: nvcc alone does not make a CUDA build (it triples the build time
+    for kernels that cannot run); a visible GPU or FORCE_CUDA=1 does."""
+    from resnet_fast import _build
+
+    if torch.version.cuda is None or _build.find_cuda_home() is None:
+        pytest.skip("needs a CUDA build of torch and nvcc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RESNET_FAST_SKIP_CUDA", raising=False)
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    home, why = _build.cuda_build_problem()
+    assert home is None and "FORCE_CUDA=1" in why
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    assert _build.cuda_build_problem()[0] is not None
 
 
 @needs_ext
@@ -92,8 +109,7 @@ def test_add_relu_op_rejects_broadcasting():
 @needs_ext
 def test_model_dispatches_to_the_extension(monkeypatch):
     calls = []
-    original = ops.conv._CONV["cpp"]
-    monkeypatch.setitem(ops.conv._CONV, "cpp", lambda *args: calls.append(args[0].shape) or original(*args))
+    record_conv_calls(monkeypatch, "cpp", lambda x, *rest: calls.append(x.shape))
     resnet_fast.set_backend("cpp")
     with torch.no_grad():
         resnet_fast.resnet18(num_classes=10).eval()(torch.randn(1, 3, 32, 32))

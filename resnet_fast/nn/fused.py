@@ -26,21 +26,33 @@ def _plain(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
+def _exporting() -> bool:
+    """A trace for a runtime that knows no resnet_fast op: an ONNX export (either exporter) or
+    torch.jit.trace. The model then runs torchvision's op sequence, which those runtimes know (and
+    whose Conv -> BN the ONNX exporters fold themselves). torch.export is not one: it keeps the ops.
+
+    Cheap in eager mode (two flag reads): the TorchScript ONNX exporter traces with torch.jit, the
+    dynamo one with torch.export, so torch.onnx is consulted only inside those."""
+    return torch.jit.is_tracing() or (torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export())
+
+
 def fused_backend(x: Tensor) -> bool:
-    """Whether fused ops run for tensors like x (the backend for its device is not 'torch')."""
-    return ops.backend_for(x.device) != "torch"
+    """Whether fused ops run for tensors like x (the backend for its device is not 'torch', and the
+    model is not being exported to a runtime without resnet_fast)."""
+    return ops.backend_for(x.device) != "torch" and not _exporting()
 
 
 def conv_bn_act(
     x: Tensor, conv: nn.Module, bn: nn.Module, residual: Tensor | None = None, relu: bool = True
 ) -> Tensor:
     """act(bn(conv(x)) [+ residual]) through the fused ops where possible."""
-    if not fused_backend(x) or not _plain(conv, bn):
+    backend = ops.backend_for(x.device)
+    if backend == "torch" or _exporting() or not _plain(conv, bn):
         return reference.conv_bn_act(x, conv, bn, residual, relu)
     if uses_batch_stats(bn):
         return _train_fused(x, conv, bn, residual, relu)
     if _foldable(x, conv, bn, residual):
-        return _eval_fused(x, conv, bn, residual, relu)
+        return _eval_fused(x, conv, bn, residual, relu, backend)
     out = bn(conv(x))
     if residual is not None and relu:
         return ops.add_relu(out, residual)
@@ -85,29 +97,40 @@ def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor |
 
 
 def _eval_fused(
-    x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool
+    x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None, relu: bool, backend: str
 ) -> Tensor:
     """Eval mode: BN folded into the conv (resnet_fast.fold), then ONE conv_bias_act op whose
     epilogue adds the bias, the residual and applies ReLU."""
     if torch.compiler.is_compiling():
-        # Traced: the fold becomes part of the graph (the cache's version checks are not traceable).
+        # Traced: the fold becomes part of the graph (the cache's version checks are not traceable),
+        # and the op stays one node of it.
         weight, bias = fold.fold_conv_bn(
             conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, x.dtype
         )
-    else:
-        entry = fold.folded(conv, bn, x.dtype)
-        weight, bias = entry.weight, entry.bias
-    return ops.conv_bias_act(
-        x,
-        weight,
-        bias,
-        residual,
-        relu,
-        list(conv.stride),
-        list(conv.padding),
-        list(conv.dilation),
-        conv.groups,
-    )
+        return ops.conv_bias_act(x, weight, bias, residual, relu, *_geometry(conv))
+    # Eager: the layer's plan, resolved on first use for this input shape and kept with the fold
+    # (so any change to a parameter, buffer or dtype drops it): one backend call, about what
+    # F.conv2d costs in host time, instead of the custom op's dispatch and checks on every call.
+    entry = fold.folded(conv, bn, x.dtype)
+    key = (x.shape, x.device, residual is not None, relu, backend)
+    run = entry.runners.get(key)
+    if run is None:
+        if len(entry.runners) >= _MAX_PLANS_PER_LAYER:
+            del entry.runners[next(iter(entry.runners))]  # the oldest, with the prepacked weight it holds
+        run = entry.runners[key] = ops.conv_runner(
+            x, entry.weight, entry.bias, residual, relu, *_geometry(conv)
+        )
+    return run(x, residual)
+
+
+# Plans per layer (input shapes x epilogues): a plan can hold a prepacked weight for its input shape,
+# so serving many batch sizes keeps the last few, like the backends' pack caches.
+_MAX_PLANS_PER_LAYER = 4
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    """(stride, padding, dilation, groups) as conv_bias_act takes them."""
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
 def to_model_layout(x: Tensor) -> Tensor:

@@ -90,15 +90,27 @@ def get_backend() -> str:
 
 def backend_for(device: torch.device) -> str:
     """The backend that runs fused ops on tensors of `device`."""
-    requested = get_backend()
+    requested = _override if _override is not None else os.environ.get("RESNET_FAST_BACKEND", "auto")
+    # Called for every fused layer: what a request resolves to on a device type does not change
+    # within a process (the extension and Triton are loaded once), so resolve it once.
+    name = _resolved.get((requested, device.type))
+    if name is None:
+        name = _resolved[(requested, device.type)] = _resolve(_check_name(requested), device.type)
+    return name
+
+
+_resolved: dict[tuple[str, str], str] = {}
+
+
+def _resolve(requested: str, device_type: str) -> str:
     if requested == "auto":
-        for name in _PREFERENCE.get(device.type, ("torch",)):
-            if not problem(name, device.type):
+        for name in _PREFERENCE.get(device_type, ("torch",)):
+            if not problem(name, device_type):
                 return name
         return "torch"
-    why = problem(requested, device.type)
+    why = problem(requested, device_type)
     if why:
-        raise BackendUnavailable(f"backend {requested!r} cannot run on {device.type}: {why}")
+        raise BackendUnavailable(f"backend {requested!r} cannot run on {device_type}: {why}")
     return requested
 
 

@@ -14,6 +14,8 @@ folded weights (fold.packed_slot), consulted by the backend impls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,9 +25,11 @@ from . import layer_choice
 from .backend import backend_for
 from .fused import _layout
 
-__all__ = ["conv_bias_act", "conv_route", "scale_shift_act"]
+__all__ = ["Runner", "conv_bias_act", "conv_route", "conv_runner", "scale_shift_act"]
 
 _CL = torch.channels_last
+# run(x, residual) -> act(conv2d(x, w) + b (+ residual)), everything else bound: see conv_runner().
+Runner = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -57,7 +61,7 @@ def _scale_shift_torch(x, scale, shift, residual, relu) -> Tensor:
 _MAX_PACKS_PER_WEIGHT = 4
 
 
-def _conv_cpp(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
     C = _ext.load()
     slot = fold.packed_slot(w)
     if slot is not None:
@@ -70,13 +74,16 @@ def _conv_cpp(x, w, b, residual, relu, stride, padding, dilation, groups) -> Ten
                 del slot[ours[0]]  # the oldest
             packed = slot[key] = C.prepack_conv_weight(w, stride, padding, dilation, groups, list(x.shape))
         w = packed
-    return C.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups)
+    run = C.conv_bias_act
+    return lambda x, residual: run(x, w, b, residual, relu, stride, padding, dilation, groups)
 
 
 # ---- Triton ("triton"), imported on first use ----
 
 
-def _conv_triton(x, w, b, residual, relu, stride, padding, dilation, groups) -> Tensor:
+def _triton_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+    """Per conv shape, the Triton conv with its epilogue or cuDNN conv + the Triton epilogue, whichever
+    layer_choice measured faster (on first use; cached on disk)."""
     from ..kernels.triton import conv
 
     slot = fold.packed_slot(w)
@@ -86,21 +93,29 @@ def _conv_triton(x, w, b, residual, relu, stride, padding, dilation, groups) -> 
         packed = slot.get(key)
         if packed is None:
             packed = slot[key] = conv.pack_weight(w, groups)
+    shift = b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
+    ones = torch.ones_like(shift)
 
-    def triton_conv() -> Tensor:
+    def triton_conv(x: Tensor, residual: Tensor | None) -> Tensor:
         return conv.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups, packed=packed)
 
-    def cudnn_conv() -> Tensor:
+    def cudnn_conv(x: Tensor, residual: Tensor | None) -> Tensor:
         # cuDNN conv (channels_last in, channels_last out), then the Triton epilogue.
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
-        shift = b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
-        return _scale_shift_triton(y, torch.ones_like(shift), shift, residual, relu)
+        return _scale_shift_triton(y, ones, shift, residual, relu)
 
     key = layer_choice.conv_key(
         tuple(x.shape), tuple(w.shape), x.dtype, stride, padding, dilation, groups, residual is not None
     )
-    path = layer_choice.choose(key, {"triton": triton_conv, "cudnn": cudnn_conv})
-    return triton_conv() if path == "triton" else cudnn_conv()
+    if torch.cuda.is_current_stream_capturing():
+        # A choice made during capture is provisional (nothing is measured there): decide per call.
+        return lambda x, residual: (triton_conv if layer_choice.choose(key, {}) == "triton" else cudnn_conv)(
+            x, residual
+        )
+    path = layer_choice.choose(
+        key, {"triton": lambda: triton_conv(x, residual), "cudnn": lambda: cudnn_conv(x, residual)}
+    )
+    return triton_conv if path == "triton" else cudnn_conv
 
 
 def _scale_shift_triton(x, scale, shift, residual, relu) -> Tensor:
@@ -109,7 +124,20 @@ def _scale_shift_triton(x, scale, shift, residual, relu) -> Tensor:
     return elementwise.scale_shift_act(x, scale, shift, residual, relu)
 
 
-_CONV = {"triton": _conv_triton, "cpp": _conv_cpp, "torch": _conv_torch}
+def _per_call_runner(impl: Callable[..., Tensor]) -> Callable[..., Runner]:
+    """A runner for a backend that resolves everything on each call."""
+
+    def make(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+        return lambda x, residual: impl(x, w, b, residual, relu, stride, padding, dilation, groups)
+
+    return make
+
+
+_CONV_RUNNER = {
+    "triton": _triton_runner,
+    "cpp": _cpp_runner,
+    "torch": _per_call_runner(_conv_torch),
+}
 _SCALE_SHIFT = {
     "triton": _scale_shift_triton,
     "cpp": lambda x, scale, shift, residual, relu: _ext.load().scale_shift_act(
@@ -172,10 +200,29 @@ def conv_bias_act(
     groups: int,
 ) -> Tensor:
     """act(conv2d(x, w, b) (+ residual)), channels_last output, on the backend of x's device."""
+    run = conv_runner(x, w, b, residual, relu, stride, padding, dilation, groups)
+    return run(x, residual).contiguous(memory_format=_CL)
+
+
+def conv_runner(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Runner:
+    """What conv_bias_act runs for inputs like these, resolved once: arguments checked, backend
+    picked, weight prepacked, path chosen. run(x, residual) then costs about one backend call; it
+    is valid only for x and residual of the same shape, dtype, device and layout as given here,
+    with w and b unchanged (nn.fused's per-layer plans keep it under those conditions)."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check_conv(x, w, b, residual, stride, padding, dilation, groups)
-    out = _CONV[backend_for(x.device)](x, w, b, residual, relu, stride, padding, dilation, groups)
-    return out.contiguous(memory_format=_CL)
+    make = _CONV_RUNNER[backend_for(x.device)]
+    return make(x, w, b, residual, relu, stride, padding, dilation, groups)
 
 
 @conv_bias_act.register_fake
@@ -195,7 +242,7 @@ def _conv_backward(ctx, grad: Tensor):
     x, w, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     if out is not None:
-        grad = grad * (out > 0)
+        grad = torch.where(out <= 0, 0, grad)  # torch's relu backward: NaN passes
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_w = None
     if need_x or need_w:
@@ -255,7 +302,7 @@ def _scale_shift_setup(ctx, inputs, output) -> None:
 def _scale_shift_backward(ctx, grad: Tensor):
     x, scale, out = ctx.saved_tensors
     if out is not None:
-        grad = grad * (out > 0)
+        grad = torch.where(out <= 0, 0, grad)  # torch's relu backward: NaN passes
     dims = [0, *range(2, x.dim())]
     grad_x = grad * _channel_view(scale, x).to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_scale = (grad * x).sum(dims).to(scale.dtype) if ctx.needs_input_grad[1] else None

@@ -10,7 +10,7 @@ dtype (plus 1e-3 of the magnitude, so an exact torchvision run does not make the
 import pytest
 import torch
 import torchvision
-from _utils import randomize_bn
+from _utils import randomize_bn, record_conv_calls
 
 import resnet_fast
 from resnet_fast import ops
@@ -22,16 +22,17 @@ CL = torch.channels_last
 def test_eval_model_dispatches_every_conv_to_the_triton_op(monkeypatch):
     calls = []
 
-    def recorder(x, w, b, residual, relu, stride, padding, dilation, groups):
-        calls.append((tuple(w.shape), residual is not None, relu))
-        return conv_ops._conv_torch(x, w, b, residual, relu, stride, padding, dilation, groups)
-
     def forced(device):
         return "triton"
 
     for module in (ops, ops.backend, conv_ops, ops.fused):
         monkeypatch.setattr(module, "backend_for", forced)
-    monkeypatch.setitem(conv_ops._CONV, "triton", recorder)
+    record_conv_calls(
+        monkeypatch,
+        "triton",
+        lambda x, w, b, residual, relu: calls.append((tuple(w.shape), residual is not None, relu)),
+        impl=conv_ops._conv_torch,
+    )
 
     theirs = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
     ours = resnet_fast.resnet50(num_classes=10).eval()

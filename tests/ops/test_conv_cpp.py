@@ -13,6 +13,7 @@ Tolerances:
 
 import pytest
 import torch
+from _utils import record_conv_calls
 
 import resnet_fast
 from resnet_fast import _ext, fold, ops
@@ -253,11 +254,10 @@ def test_compile_fullgraph_keeps_the_fused_eval_model_whole():
 
 def _count_cpp_convs(monkeypatch, model, x):
     calls = []
-    real = conv_ops._CONV["cpp"]
-    monkeypatch.setitem(conv_ops._CONV, "cpp", lambda *a: calls.append(a[1].shape) or real(*a))
-    with torch.no_grad():
-        out = model(x)
-    monkeypatch.setitem(conv_ops._CONV, "cpp", real)
+    with monkeypatch.context() as patch:
+        record_conv_calls(patch, "cpp", lambda x, w, *rest: calls.append(w.shape))
+        with torch.no_grad():
+            out = model(x)
     return out, calls
 
 
@@ -283,8 +283,7 @@ def test_training_and_grad_mode_stay_unfused(monkeypatch):
     model = resnet_fast.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     calls = []
-    real = conv_ops._CONV["cpp"]
-    monkeypatch.setitem(conv_ops._CONV, "cpp", lambda *a: calls.append(1) or real(*a))
+    record_conv_calls(monkeypatch, "cpp", lambda *a: calls.append(1))
     model(x).sum().backward()  # grads needed: the fold would cut them off
     assert not calls and x.grad is not None
     with torch.no_grad():
