@@ -292,6 +292,15 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script cannot compile the fused ops' Python dispatch: say what works instead.
+        raise RuntimeError(
+            "torch.jit.script does not support resnet_fast models (their fused ops dispatch in Python). "
+            "Supported: torch.export.export(model.eval(), (x,)) (then AOTInductor), "
+            "torch.onnx.export(model.eval(), (x,), path), torch.jit.trace(model.eval(), x), "
+            "or torch.jit.script(model.to_torchvision())."
+        )
+
     def to_torchvision(self) -> nn.Module:
         """An equivalent torchvision ResNet holding copies of this model's parameters and buffers."""
         from .convert import to_torchvision

@@ -2,7 +2,8 @@
 
 from .backend import BACKENDS, BackendUnavailable, backend_for, get_backend, set_backend, status
 from .batchnorm import batch_norm_act, bn_act_backward, bn_act_train
-from .conv import conv_bias_act, conv_route, scale_shift_act
+from .conv import conv_bias_act, conv_route, conv_runner, scale_shift_act
+from .decompositions import decompositions
 from .fused import add_relu
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "bn_act_train",
     "conv_bias_act",
     "conv_route",
+    "conv_runner",
+    "decompositions",
     "get_backend",
     "scale_shift_act",
     "set_backend",
