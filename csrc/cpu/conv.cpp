@@ -135,20 +135,23 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::op
     const auto& ops = onednn_ops();
     const c10::List<std::optional<at::Scalar>> no_scalars;
     const c10::IValue bias = b.has_value() ? c10::IValue(*b) : c10::IValue();
+    // The out-of-place binary op fuses only groups == 1 (else it runs conv, then ATen's add_relu, which
+    // lacks bfloat16), and torch 2.11's oneDNN cannot run it on one-pixel outputs ("could not create a
+    // memory"): there conv + bias in oneDNN, residual + ReLU in our epilogue.
+    const bool fused_residual =
+        residual.has_value() && groups == 1 && residual->size(2) * residual->size(3) != 1;
     if (relu && !nan_free_before_relu(x, w, b, residual)) {
       // oneDNN's ReLU post-op is max(v, 0), which turns NaN into 0; torch.relu keeps it. Here a NaN
       // may appear, so oneDNN stops at bias (+ residual) and our epilogue does the ReLU.
-      auto out = residual.has_value() && groups == 1
+      auto out = fused_residual
                      ? call(*ops.binary, {x, *residual, w, bias, padding, stride, dilation, groups, "add",
                                           c10::IValue(), c10::IValue(), no_scalars, c10::IValue()})
                      : call(*ops.unary, {x, w, bias, padding, stride, dilation, groups, "none", no_scalars,
                                          c10::IValue()});
-      scale_shift_act_out(out, out, at::Tensor(), at::Tensor(), groups == 1 ? std::nullopt : residual, relu);
+      scale_shift_act_out(out, out, at::Tensor(), at::Tensor(), fused_residual ? std::nullopt : residual, relu);
       return out;
     }
-    if (residual.has_value() && groups > 1) {
-      // The out-of-place binary op fuses only groups == 1 (else it runs conv, then ATen's add_relu,
-      // which lacks bfloat16): conv + bias in oneDNN, residual + ReLU in our epilogue.
+    if (residual.has_value() && !fused_residual) {
       auto out = call(*ops.unary, {x, w, bias, padding, stride, dilation, groups, "none", no_scalars, c10::IValue()});
       scale_shift_act_out(out, out, at::Tensor(), at::Tensor(), residual, relu);
       return out;
