@@ -3,11 +3,14 @@ BN on the Triton backend, or --backend cpp for the CUDA C++ kernels) against tor
 channels_last, one process.
 
     python benchmarks/gpu_train.py [--rounds 20] [--batch 256] [--size 224] [--backend auto] [--dtype bfloat16]
+                                   [--out PATH] [--device cuda]
+
+--device cpu (AMP bf16 on the CPU) only smoke-tests the script (benchmarks/gpu_check.sh's dry run).
 
 Targets (issue #5): >= 1.2x torchvision eager, peak memory <= 0.75x. Medians over interleaved rounds
 (resnet_fast._timing); peak memory = torch.cuda.max_memory_allocated during one step above what is
 allocated before it. Before timing it checks the fused step's loss against torchvision's on the same
-weights (bf16 noise level). Writes benchmarks/results/<gpu-tag>-gpu_train.json.
+weights (bf16 noise level). Writes --out (default benchmarks/results/<gpu-tag>-gpu_train.json).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, dtyp
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(x.device.type, dtype=dtype):
             loss = F.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
@@ -48,45 +51,65 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="steps per model before timing (default 3)")
     parser.add_argument("--backend", default="auto", help="resnet_fast backend (auto, triton, cpp, torch)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only smoke-tests this script)")
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default benchmarks/results/<gpu-tag>-gpu_train.json)"
+    )
     args = parser.parse_args(argv)
 
-    dev, dtype = _timing.check_device_dtype("cuda", args.dtype)
-    backend = _timing.set_backend_for(args.backend, dev)
+    try:
+        dev, dtype = _timing.check_device_dtype(args.device, args.dtype)
+        backend = _timing.set_backend_for(args.backend, dev)
+    except _timing.UsageError as error:
+        raise SystemExit(f"gpu_train.py: error: {error}") from None
     torch.manual_seed(0)
     theirs = getattr(torchvision.models, args.arch)().train().to(dev, memory_format=CL)
     ours = resnet_fast.from_torchvision(copy.deepcopy(theirs)).train()
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=CL)
     target = torch.randint(0, 1000, (args.batch,), device=dev)
-    fns = {"resnet_fast": _step_fn(ours, x, target, dtype), "torchvision": _step_fn(theirs, x, target, dtype)}
+    fns = {
+        "resnet_fast": _step_fn(ours, x, target, dtype),
+        "torchvision-cl": _step_fn(theirs, x, target, dtype),
+    }
 
     # Same weights, same data: the first steps' losses agree to bf16/fp16 noise.
     losses = {name: fn().float().item() for name, fn in fns.items()}
-    rel = abs(losses["resnet_fast"] - losses["torchvision"]) / abs(losses["torchvision"])
+    rel = abs(losses["resnet_fast"] - losses["torchvision-cl"]) / abs(losses["torchvision-cl"])
     if rel > 2e-2:
-        raise SystemExit(f"fused loss {losses['resnet_fast']:.5f} vs torchvision {losses['torchvision']:.5f}")
+        raise SystemExit(
+            f"fused loss {losses['resnet_fast']:.5f} vs torchvision {losses['torchvision-cl']:.5f}"
+        )
     for fn in fns.values():  # warm-up: cuDNN autotuning, Triton compiles, allocator
-        for _ in range(3):
+        for _ in range(args.warmup):
             fn()
 
     times = _timing.interleaved(fns, args.rounds, dev)
     stats = {name: _timing.summarize(t) for name, t in times.items()}
     memory = {name: _timing.peak_memory(fn, dev) for name, fn in fns.items()}
-    speedup = stats["torchvision"]["median_ms"] / stats["resnet_fast"]["median_ms"]
-    mem_ratio = memory["resnet_fast"] / memory["torchvision"]
+    speedup = stats["torchvision-cl"]["median_ms"] / stats["resnet_fast"]["median_ms"]
+    mem_ratio = memory["resnet_fast"] / memory["torchvision-cl"]
 
     info = _timing.machine_info(dev)
     result = {
         "benchmark": "gpu_train",
-        "config": {**vars(args), "layout": "channels_last", "resnet_fast_backend": backend},
+        "config": {
+            **vars(args),
+            "out": str(args.out),
+            "layout": "channels_last",
+            "resnet_fast_backend": backend,
+        },
         "machine": info,
         "first_step_loss": losses,
+        "first_step_loss_rel_diff": rel,
         "timing": stats,
-        "speedup_vs_torchvision": speedup,
+        "img_per_s": {name: args.batch / (st["median_ms"] / 1e3) for name, st in stats.items()},
+        "speedup_vs_torchvision_cl": speedup,
         "peak_memory_bytes": memory,
-        "memory_ratio_vs_torchvision": mem_ratio,
-        "memory_method": _timing.MEMORY_METHOD["cuda"],
+        "memory_ratio_vs_torchvision_cl": mem_ratio,
+        "memory_method": _timing.MEMORY_METHOD[dev.type],
         "targets_met": {"speed>=1.2x": speedup >= 1.2, "memory<=0.75x": mem_ratio <= 0.75},
     }
     print(
@@ -98,10 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {name:12s} median {s['median_ms']:8.2f} ms  (q1 {s['q1_ms']:.2f}, q3 {s['q3_ms']:.2f})"
             f"  peak {memory[name] / 2**30:6.2f} GiB"
         )
-    print(f"  speed: {speedup:.3f}x torchvision eager (target >= 1.2x)")
-    print(f"  peak memory: {mem_ratio:.3f}x torchvision (target <= 0.75x)")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{_timing.machine_tag(info, dev)}-gpu_train.json"
+    print(f"  speed: {speedup:.3f}x torchvision eager channels_last (target >= 1.2x)")
+    print(f"  peak memory: {mem_ratio:.3f}x torchvision channels_last (target <= 0.75x)")
+    out = args.out or RESULTS / f"{_timing.machine_tag(info, dev)}-gpu_train.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result

@@ -261,13 +261,15 @@ def run(args: argparse.Namespace) -> dict:
         with torch._inductor.config.patch(freezing=freezing):
             for batch in args.batch_size:
                 s = Setup(args.arch, device, dtype, args.mode, batch, args.image_size)
-                doc["results"] += _measure(names, base, s, args, bar)
+                doc["results"] += _measure(names, base, s, args, bar, doc["notes"])
     finally:
         bar.close()
     return doc
 
 
-def _measure(names: list[str], base: nn.Module, s: Setup, args: argparse.Namespace, bar) -> list[dict]:
+def _measure(
+    names: list[str], base: nn.Module, s: Setup, args: argparse.Namespace, bar, notes: list[str]
+) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, generator=gen).to(s.device, s.dtype)
     y = torch.randint(0, base.fc.out_features, (s.batch_size,), generator=gen).to(s.device)
@@ -275,11 +277,19 @@ def _measure(names: list[str], base: nn.Module, s: Setup, args: argparse.Namespa
     for name in names:
         bar.set_postfix_str(f"batch {s.batch_size}: warm-up {name}")
         start = time.perf_counter()
-        steps[name] = build(name, base, x, y, s)
-        for _ in range(args.warmup):
-            _timing.timed(steps[name], s.device)
-            bar.update()
+        try:
+            steps[name] = build(name, base, x, y, s)
+            for _ in range(args.warmup):
+                _timing.timed(steps[name], s.device)
+                bar.update()
+        except Exception as error:
+            if not args.keep_going:
+                raise
+            steps.pop(name, None)
+            notes.append(f"batch {s.batch_size}: {name} left out, it failed: {type(error).__name__}: {error}")
+            continue
         warmup_s[name] = time.perf_counter() - start
+    names = list(steps)
     bar.set_postfix_str(f"batch {s.batch_size}: timing")
     times = _timing.interleaved(steps, args.iters, s.device, on_call=lambda _: bar.update())
     rows = []
@@ -345,7 +355,7 @@ def format_table(doc: dict) -> str:
                     r["contender"],
                     f"{r['median_ms']:.2f}",
                     f"{r['img_per_s']:.2f}",
-                    *[f"{r['ratios'][b]:.2f}" for b in baselines],
+                    *[f"{r['ratios'][b]:.2f}" if b in r["ratios"] else "n/a" for b in baselines],
                     peak,
                     f"{r['warmup_s']:.1f}",
                 ]
@@ -423,6 +433,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results, settings and machine as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of img/s vs batch size (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a contender that fails to build or warm up is left out (with a note) instead of ending the run",
+    )
     p.set_defaults(func=main)
 
 
