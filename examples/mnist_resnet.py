@@ -6,7 +6,8 @@ Adam, learning rate 1e-4, batch 128, 20 epochs, then test accuracy, as the tutor
     python examples/mnist_resnet.py --data ../shared/data/mnist --holdout 2000 --arch resnet50
 
 `--holdout N` is for a folder that holds only the t10k test files: train on the first 10000-N test
-digits, evaluate on the last N. `resnet-fast train-mnist` is the same experiment with every option.
+digits, evaluate on the last N. `resnet-fast train-mnist` (or `resnet-fast train --dataset mnist`) is
+the same experiment with every option; `resnet-fast train --data DIR` trains on a folder of images.
 """
 
 from __future__ import annotations

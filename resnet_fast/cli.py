@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, train, validate
+from . import bench, export, train, train_images, validate
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-shape", type=int, nargs=4, default=[1, 3, 224, 224], metavar=("N", "C", "H", "W")
     )
     p_info.set_defaults(func=_cmd_info)
+    train_images.add_parser(sub)
     train.add_parser(sub)
     bench.add_parser(sub)
     validate.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

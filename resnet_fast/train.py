@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ARCHS", "add_parser", "batches", "evaluate", "fit", "shift_augment", "train_mnist"]
+__all__ = ["ARCHS", "add_parser", "batches", "evaluate", "fit", "lr_factor", "shift_augment", "train_mnist"]
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 # Settings that must match for a resume to continue the same run.
 _RESUME_KEYS = ("arch", "optimizer", "lr", "schedule", "batch_size", "seed", "augment", "train_size")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 def batches(
@@ -88,21 +88,47 @@ def evaluate(
     return loss.item() / len(x), correct.item() / len(x)
 
 
-def _make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(
+    name: str, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def _lr_at(schedule: str, lr: float, step: int, total: int) -> float:
-    """Learning rate of optimizer step `step` of `total`. Computed from the step, so nothing to checkpoint."""
-    if schedule == "constant":
-        return lr
+def lr_factor(
+    step: int, total: int, schedule: str, *, warmup: int = 0, step_every: int = 0, gamma: float = 0.1
+) -> float:
+    """Factor of the base lr at optimizer step `step` (0-based) of `total`.
+
+    A linear warm-up over the first `warmup` steps, then 'constant', 'cosine' (decay to 0 at `total`)
+    or 'step' (times `gamma` every `step_every` steps). A function of the step alone: nothing to save.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if schedule == "step" and step_every < 1:
+        raise ValueError(f"the step schedule needs step_every >= 1 steps, got {step_every}")
+    if step < warmup:
+        return (step + 1) / warmup
     if schedule == "cosine":
-        return 0.5 * lr * (1 + math.cos(math.pi * step / total))
-    raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if schedule == "step":
+        return gamma ** (step // step_every)
+    return 1.0
+
+
+def _check_resume(path: Path, saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """ValueError unless the checkpoint's settings `saved` equal this run's `now` on `keys`."""
+    differ = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    if differ:
+        raise ValueError(
+            f"{path} was saved by a different run; (checkpoint, now) differ in: {differ}. "
+            "Resume with the same settings, or start a new checkpoint."
+        )
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -149,24 +175,72 @@ def fit(
     """Train `model` on `train_data` = (images, labels) and evaluate on `test_data` after every epoch.
 
     Both are tensors on the model's device (images float [N, C, H, W], labels int64 [N]). Cross-entropy,
-    `optimizer` 'adam' or 'sgd' (momentum 0.9) at `lr`, constant or, with `schedule='cosine'`, decayed
-    per step to 0 at the end of `epochs` (a run to resume then needs the same `epochs`); `augment=K` shifts each training image
-    by up to K pixels. `seed` seeds the shuffling (and augmentation) generator. `amp` runs forward passes
-    under bfloat16 autocast.
+    `optimizer` 'adam', 'adamw' or 'sgd' (momentum 0.9) at `lr`, constant or, with `schedule='cosine'`,
+    decayed per step to 0 at the end of `epochs` (a run to resume then needs the same `epochs`);
+    `augment=K` shifts each training image by up to K pixels. `seed` seeds the shuffling (and
+    augmentation) generator. `amp` runs forward passes under bfloat16 autocast.
 
     With `checkpoint`, model, optimizer, epoch and RNG state are saved there after each epoch; with
     `resume`, training continues from that file up to `epochs` in total, drawing the same batches it
     would have drawn without the interruption. `meta` (e.g. {'arch': ...}) is stored in the checkpoint
     and the summary. Returns the summary: test accuracy and loss, per-epoch history, time, images/s.
     """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    config = _fit_config(
+        train_data, test_data, epochs, batch_size, lr, optimizer, schedule, seed, augment, meta
+    )
+    opt = _make_optimizer(optimizer, model.parameters(), lr)
+    generator = torch.Generator().manual_seed(seed)
+    path = Path(checkpoint) if checkpoint is not None else None
+    start_epoch, history = 0, []
+    if resume:
+        start_epoch, history = _fit_resume(path, config, model, opt, generator, train_data[0].device)
+        log(f"resumed from {path} after epoch {start_epoch}")
+
+    trained, train_time = 0, 0.0
+    for epoch in range(start_epoch, epochs):
+        record, seen, seconds = _fit_epoch(
+            model, opt, train_data, generator, epoch, epochs, config, amp, progress
+        )
+        trained, train_time = trained + seen, train_time + seconds
+        record["test_loss"], record["test_accuracy"] = evaluate(model, *test_data, amp=amp)
+        history.append(record)
+        log(
+            f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}, "
+            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+        )
+        if path is not None:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
+            _save(path, {**state, "rng": _rng_state(generator), "config": config, "history": history})
+
+    if history:  # the last epoch's evaluation (this run's, or the checkpoint's when nothing was left to run)
+        test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
+    else:
+        test_loss, test_acc = evaluate(model, *test_data, amp=amp)
+    return {
+        **config,
+        "epochs": epochs,
+        "epochs_run": epochs - start_epoch,
+        "amp": amp,
+        "device": str(train_data[0].device),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "time_s": train_time,
+        "images_per_s": trained / train_time if train_time else None,
+        "history": history,
+    }
+
+
+def _fit_config(train_data, test_data, epochs, batch_size, lr, optimizer, schedule, seed, augment, meta):
+    """The run's settings (checked), as stored in the checkpoint and the summary."""
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     if augment < 0:
         raise ValueError(f"augment must be >= 0 pixels, got {augment}")
-    log = log or (lambda line: print(line, file=sys.stderr))
-    x_train, y_train = train_data
-    x_test, y_test = test_data
-    device = x_train.device
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    lr_factor(0, 1, schedule)  # validates the name before any work ('step' is refused: no step size here)
     config = {
         **(meta or {}),
         "optimizer": optimizer,
@@ -175,120 +249,70 @@ def fit(
         "batch_size": batch_size,
         "seed": seed,
         "augment": augment,
-        "train_size": len(x_train),
-        "test_size": len(x_test),
+        "train_size": len(train_data[0]),
+        "test_size": len(test_data[0]),
     }
-    _lr_at(schedule, lr, 0, 1)  # validates the name before any work
     if schedule != "constant":
         config["epochs"] = epochs  # the decay depends on the total
-    opt = _make_optimizer(optimizer, model.parameters(), lr)
-    generator = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    path = Path(checkpoint) if checkpoint is not None else None
+    return config
 
-    if resume:
-        if path is None:
-            raise ValueError("resume needs a checkpoint path")
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        state = torch.load(path, map_location=device, weights_only=False)
-        saved = state["config"]
-        keys = (*_RESUME_KEYS, "epochs")
-        differ = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
-        if differ:
-            raise ValueError(
-                f"{path} was saved by a different run; (checkpoint, now) differ in: {differ}. "
-                "Resume with the same settings, or start a new checkpoint."
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(generator, state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        log(f"resumed from {path} after epoch {start_epoch}")
 
-    trained, train_time = 0, 0.0
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = step = 0
-        steps = _num_batches(len(x_train), batch_size, train=True)
-        bar = _progress(steps, f"epoch {epoch + 1}/{epochs}", progress)
-        started = time.perf_counter()
-        for xb, yb in batches(x_train, y_train, batch_size, generator, train=True):
-            if augment:
-                xb = shift_augment(xb, augment, generator)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(schedule, lr, epoch * steps + step, epochs * steps)
-            step += 1
-            with _autocast(device, amp):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            if bar is not None:
-                # .item() syncs a GPU: there, refresh the running figures every 10 steps only.
-                if device.type == "cpu" or bar.n % 10 == 0 or seen == len(x_train):
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
-                bar.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - started
-        trained += seen
+def _fit_resume(path, config, model, opt, generator, device) -> tuple[int, list[dict[str, float]]]:
+    """Load the checkpoint at `path` into model, optimizer and generator; (epochs done, history)."""
+    if path is None:
+        raise ValueError("resume needs a checkpoint path")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    _check_resume(path, state["config"], config, (*_RESUME_KEYS, "epochs"))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    _set_rng_state(generator, state["rng"])
+    return state["epoch"], state["history"]
+
+
+def _fit_epoch(
+    model, opt, train_data, generator, epoch, epochs, config, amp, progress
+) -> tuple[dict, int, float]:
+    """Epoch `epoch` of `epochs`: (its history record, images trained, seconds)."""
+    x_train, y_train = train_data
+    device, batch_size, lr = x_train.device, config["batch_size"], config["lr"]
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    steps = _num_batches(len(x_train), batch_size, train=True)
+    bar = _progress(steps, f"epoch {epoch + 1}/{epochs}", progress)
+    started = time.perf_counter()
+    for step, (xb, yb) in enumerate(batches(x_train, y_train, batch_size, generator, train=True)):
+        if config["augment"]:
+            xb = shift_augment(xb, config["augment"], generator)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(epoch * steps + step, epochs * steps, config["schedule"])
+        with _autocast(device, amp):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(yb)
         if bar is not None:
-            bar.close()
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch + 1}; lower the lr")
-        test_loss, test_acc = evaluate(model, x_test, y_test, amp=amp)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": correct.item() / seen,
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-            }
-        )
-        log(
-            f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {correct.item() / seen:.4f}, "
-            f"test loss {test_loss:.4f} acc {test_acc:.4f}"
-        )
-        if path is not None:
-            _save(
-                path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "rng": _rng_state(generator),
-                    "config": config,
-                    "history": history,
-                },
-            )
-
-    if history:  # the last epoch's evaluation (this run's, or the checkpoint's when nothing was left to run)
-        test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
-    else:
-        test_loss, test_acc = evaluate(model, x_test, y_test, amp=amp)
-    return {
-        **config,
-        "epochs": epochs,
-        "epochs_run": epochs - start_epoch,
-        "amp": amp,
-        "device": str(device),
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
-        "train_loss": history[-1]["train_loss"] if history else None,
-        "time_s": train_time,
-        "images_per_s": trained / train_time if train_time else None,
-        "history": history,
-    }
+            # .item() syncs a GPU: there, refresh the running figures every 10 steps only.
+            if device.type == "cpu" or bar.n % 10 == 0 or seen == len(x_train):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+            bar.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    train_loss = loss_sum.item() / seen
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch + 1}; lower the lr")
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / seen}
+    return record, seen, seconds
 
 
 def _progress(steps: int, desc: str, enabled: bool):
@@ -424,9 +448,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive(int), default=20, help="total epochs (default 20)")
     p.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
     p.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="adam, or sgd with momentum 0.9")
     p.add_argument(
-        "--schedule", choices=SCHEDULES, default="constant", help="lr: constant, or cosine decay to 0"
+        "--optimizer", choices=OPTIMIZERS, default="adam", help="adam, adamw, or sgd with momentum 0.9"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="lr: constant, or cosine decay to 0",
     )
     p.add_argument("--augment", type=int, default=0, metavar="K", help="random shifts of up to K pixels")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
