@@ -96,6 +96,46 @@ def _peers(theirs: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -
     return steps
 
 
+def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
+    """What keeping NaN costs on the cpp route: each conv with a ReLU scans its input and residual for
+    Inf/NaN (resnet_fast._C.all_finite) before trusting oneDNN's ReLU post-op. Collect those tensors
+    from one forward, then time the scans against the forward, interleaved."""
+    from resnet_fast import _ext
+    from resnet_fast.ops import conv as conv_ops
+
+    scanned: list[torch.Tensor] = []
+    make = conv_ops._CONV_RUNNER["cpp"]
+
+    def recording(x, w, b, residual, relu, *geometry):
+        run = make(x, w, b, residual, relu, *geometry)
+
+        def recorded(x, residual):
+            if relu:
+                scanned.extend(t for t in (x, residual) if t is not None)
+            return run(x, residual)
+
+        return recorded
+
+    fresh = copy.deepcopy(model)  # plans are made on first use: a copy makes them with the recorder
+    conv_ops._CONV_RUNNER["cpp"] = recording
+    try:
+        fresh(x)
+    finally:
+        conv_ops._CONV_RUNNER["cpp"] = make
+    all_finite = _ext.load().all_finite
+    times = _timing.interleaved(
+        {"forward": lambda: model(x), "scans": lambda: [all_finite(t) for t in scanned]},
+        rounds,
+        torch.device("cpu"),
+    )
+    forward, scans = (_timing.summarize(times[k])["median_ms"] for k in ("forward", "scans"))
+    print(
+        f"NaN-keeping check: {len(scanned)} scans take {scans:.2f} ms per forward of {forward:.1f} ms "
+        f"({100 * scans / forward:.1f}% of it)"
+    )
+    return {"scans": len(scanned), "scan_ms": scans, "forward_ms": forward, "fraction": scans / forward}
+
+
 def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     """First calls on fresh models, then steady state at batch N and batch 1."""
     ours, theirs = _models(torch.float32)
@@ -109,6 +149,7 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     diff = (ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()
     print(f"max |ours - torchvision| / max |torchvision| = {diff:.2e}")
     result["fp32_rel_diff_vs_torchvision"] = float(diff)
+    result["nonfinite_check"] = _nonfinite_check_cost(ours, x, args.rounds)
     result["runs"]["fp32"] = _run(
         f"fp32, batch {args.batch}, {args.size}x{args.size}",
         {
