@@ -39,6 +39,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH" # tests run the `resnet-fast` command
+# The copy has no ../shared beside it: point the MNIST tests at the checkout's.
+if [ -z "${RESNET_FAST_MNIST_DIR:-}" ] && [ -d "$REPO/../shared/data/mnist" ]; then
+    export RESNET_FAST_MNIST_DIR=$(cd "$REPO/../shared/data/mnist" && pwd)
+fi
 # The machine's pip cap (/etc/xdg/pip) allows these older releases; pip skips what is already there.
 stamp "installing torch==$TORCH torchvision==$TORCHVISION triton==$TRITON"
 "$PY" -m pip install -q "torch==$TORCH" "torchvision==$TORCHVISION" "triton==$TRITON" \
