@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import BackendUnavailable
+
 __all__ = ["ARCHS", "add_parser", "batches", "evaluate", "fit", "lr_factor", "shift_augment", "train_mnist"]
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -420,12 +422,8 @@ def _cmd_train_mnist(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         # Bad data folder, holdout/limits out of range, mismatched checkpoint, unusable device.
         return fail(str(e))
-    except Exception as e:
-        from resnet_fast import BackendUnavailable
-
-        if isinstance(e, BackendUnavailable):
-            return fail(str(e))
-        raise
+    except BackendUnavailable as e:
+        return fail(str(e))
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

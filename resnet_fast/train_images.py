@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from .ops import BackendUnavailable
 from .train import ARCHS, _check_resume, _make_optimizer, _positive, _progress, _save, lr_factor
 
 __all__ = ["TrainConfig", "add_parser", "train_images"]
@@ -561,12 +562,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         # Data folder problems (ImageFolderError names the file), mismatched checkpoint, bad settings.
         return fail(_error_line(e))
-    except Exception as e:
-        from resnet_fast import BackendUnavailable
-
-        if isinstance(e, BackendUnavailable):
-            return fail(str(e))
-        raise
+    except BackendUnavailable as e:
+        return fail(str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
