@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Folded", "fold_conv_bn", "folded", "invalidate", "packed_slot"]
+__all__ = ["Folded", "fold_conv_bn", "folded", "invalidate", "packed_slot", "sources"]
 
 _ATTR = "_resnet_fast_fold"
 # Folded weight -> its backend pack cache; entries vanish when the folded weight is dropped.
@@ -90,14 +90,28 @@ class _Cache:
         return (_Cache, ())
 
 
-def _signature(t: Tensor | None) -> tuple | None:
-    if t is None:
+def sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """(conv weight, conv bias, BN weight, BN bias, running mean, running var).
+
+    Read from the modules' registries: this runs for every layer of every eager call, and each
+    attribute read through nn.Module.__getattr__ costs about a microsecond."""
+    try:
+        p, q, b = conv._parameters, bn._parameters, bn._buffers
+        return (p["weight"], p["bias"], q["weight"], q["bias"], b["running_mean"], b["running_var"])
+    except KeyError:  # moved out of the registries (old-style weight_norm...): the plain reads
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def _key(dtype: torch.dtype, eps: float, srcs: tuple) -> tuple | None:
+    """What the fold depends on; None for inference tensors (no version counter: never cached)."""
+    try:
+        return (
+            dtype,
+            eps,
+            *[None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in srcs],
+        )
+    except RuntimeError:  # "Inference tensors do not track version counter"
         return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-
-
-def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> Folded:
@@ -106,17 +120,16 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
     Needs BN running statistics. Inference tensors (made under torch.inference_mode) have no
     version counter; their folds are computed afresh on each call, never cached.
     """
-    if bn.running_mean is None or bn.running_var is None:
+    srcs = sources(conv, bn)
+    if srcs[4] is None or srcs[5] is None:
         raise ValueError("BN folding needs running statistics (track_running_stats=True)")
-    dtype = conv.weight.dtype if dtype is None else dtype
-    sources = _sources(conv, bn)
-    cacheable = not any(t is not None and t.is_inference() for t in sources)
-    key = (dtype, bn.eps, *map(_signature, sources)) if cacheable else None
+    dtype = srcs[0].dtype if dtype is None else dtype
+    key = _key(dtype, bn.eps, srcs)
     cache = conv.__dict__.get(_ATTR)
     if cache is not None and key is not None and cache.key == key:
         return cache.entry
     with torch.no_grad():
-        weight, bias = fold_conv_bn(*sources, bn.eps, dtype)
+        weight, bias = fold_conv_bn(*srcs, bn.eps, dtype)
     entry = Folded(weight, bias)
     if key is None:
         return entry

@@ -254,3 +254,27 @@ def test_eval_plan_is_resolved_once_per_input_shape(monkeypatch):
         bn.running_mean.add_(1)  # a new fold: its plans start empty
     _check_eval(conv, bn, x)
     assert len(made) == 4 and len(fold.folded(conv, bn).runners) == 1
+
+
+def test_inference_tensors_are_folded_afresh_never_cached():
+    """Parameters made under torch.inference_mode have no version counter: no cache key, a new fold
+    on every call (so an in-place edit made later is still seen)."""
+    with torch.inference_mode():
+        conv, bn = _pair()
+        first = fold.folded(conv, bn)
+        assert fold.folded(conv, bn) is not first
+        conv.weight.mul_(2)
+        torch.testing.assert_close(fold.folded(conv, bn).weight, first.weight * 2)
+
+
+def test_sources_outside_the_registries():
+    """fold reads parameters from the modules' registries for speed; a weight held as a plain
+    attribute instead (old-style weight_norm deletes the parameter) is still read, and followed."""
+    conv, bn = _pair()
+    weight = conv.weight.detach().clone()
+    del conv.weight
+    conv.weight = weight  # a plain tensor attribute now
+    expected = fold.fold_conv_bn(weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    torch.testing.assert_close(fold.folded(conv, bn).weight, expected[0], rtol=0, atol=0)
+    weight.mul_(2)
+    torch.testing.assert_close(fold.folded(conv, bn).weight, expected[0] * 2)

@@ -76,23 +76,20 @@ def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor |
     """Eval BN with running stats, no gradient needed, and a conv the fused op expresses exactly.
 
     Folded weights are cached without autograd history, so anything needing gradients runs unfused.
-    Autocast and mixed dtypes keep torch's own semantics (unfused).
+    Autocast and mixed dtypes keep torch's own semantics (unfused). Runs per layer per eager call,
+    hence the registry reads (fold.sources) and the cheap checks first.
     """
-    params = (conv.weight, conv.bias, bn.weight, bn.bias)
-    needs_grad = torch.is_grad_enabled() and (
+    weight, bias, gamma, beta, mean, var = fold.sources(conv, bn)
+    if bn.training or mean is None or var is None or x.dtype != weight.dtype:
+        return False
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):  # not 'same' / 'valid'
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return not torch.is_grad_enabled() or not (
         x.requires_grad
         or (residual is not None and residual.requires_grad)
-        or any(p is not None and p.requires_grad for p in params)
-    )
-    return (
-        not needs_grad
-        and not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-        and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple)  # not 'same' / 'valid'
-        and x.dtype == conv.weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
+        or any(p is not None and p.requires_grad for p in (weight, bias, gamma, beta))
     )
 
 
