@@ -1,4 +1,5 @@
-"""Which path each conv of a model takes on the active backend, and (Triton) the measured times."""
+"""Which path each conv of a model takes on the active backend, and the times layer_choice measured
+(Triton vs cuDNN on CUDA, oneDNN vs the 1x1 GEMM on CPU)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ def explain(
 ) -> list[dict]:
     """One row per Conv2d of `model` in eval mode for an input of `input_shape` (N, C, H, W).
 
-    Runs the model once on zeros (which, on the Triton backend, measures and caches each conv
-    shape's choice), then reports per layer: input shape, backend, path and, where measured,
-    the Triton and cuDNN times in ms.
+    Runs the model once on zeros (which measures and caches each conv shape's choice where a layer
+    has candidates), then reports per layer: input shape, backend, path and, where measured, each
+    candidate's time in ms.
     """
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -57,11 +58,27 @@ def explain(
             "stride": list(conv.stride),
             "backend": name_of_backend,
             "path": "unfused PyTorch",
-            "triton_ms": None,
-            "cudnn_ms": None,
+            "ms": None,  # per candidate path, where layer_choice measured them
         }
         if name_of_backend == "cpp":
             row["path"] = conv_route(device.type, param.dtype)
+            if device.type == "cpu" and name in shapes:
+                key = layer_choice.conv_key(
+                    shapes[name],
+                    tuple(conv.weight.shape),
+                    param.dtype,
+                    list(conv.stride),
+                    list(conv.padding),
+                    list(conv.dilation),
+                    conv.groups,
+                    name in tails,
+                    "cpu",
+                )
+                choice = layer_choice.CPU_CACHE.get(key)
+                if choice is not None and choice.path != "onednn":
+                    row["path"] = f"{choice.path} (resnet_fast._C: 1x1 conv as one GEMM, fused epilogue)"
+                if choice is not None:
+                    row["ms"] = choice.ms
         elif name_of_backend == "triton" and name in shapes:
             key = layer_choice.conv_key(
                 shapes[name],
@@ -75,7 +92,7 @@ def explain(
             )
             choice = layer_choice.CACHE.get(key)
             if choice is not None:
-                row.update(path=choice.path, triton_ms=choice.triton_ms, cudnn_ms=choice.cudnn_ms)
+                row.update(path=choice.path, ms=choice.ms)
             else:
                 row["path"] = "not measured (run unfused or captured)"
         rows.append(row)
@@ -99,8 +116,8 @@ def format_explain(rows: list[dict]) -> str:
     lines = [f"{'layer':28s} {'input':22s} {'weight':18s} {'backend':7s} path"]
     for r in rows:
         times = ""
-        if r["triton_ms"] is not None:
-            times = f"  (triton {r['triton_ms']:.3f} ms, cudnn {r['cudnn_ms']:.3f} ms)"
+        if r["ms"]:
+            times = "  (" + ", ".join(f"{path} {ms:.3f} ms" for path, ms in r["ms"].items()) + ")"
         lines.append(
             f"{r['layer']:28s} {str(r['input']):22s} {str(r['weight']):18s} {r['backend']:7s} {r['path']}{times}"
         )

@@ -15,6 +15,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_choice_caches(tmp_path_factory):
+    """Per-layer path choices measured during the tests go to a temporary folder, not ~/.cache."""
+    from resnet_fast.ops import layer_choice
+
+    root = tmp_path_factory.mktemp("layer_choice")
+    layer_choice.CACHE = layer_choice.ChoiceCache(root / "cuda.json")
+    layer_choice.CPU_CACHE = layer_choice.ChoiceCache(root / "cpu.json", device_type="cpu")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
     """Each test starts from the same seed and the default backend choice."""

@@ -35,6 +35,14 @@ std::string conv_route(at::ScalarType dtype);
 // "auto" (oneDNN fused ops where the running torch has them) or "aten" (always the fallback).
 void set_conv_route(const std::string& route);
 
+// 1x1 convolution (groups 1, no padding) on channels_last float32 as one GEMM with the epilogue in
+// registers, NaN kept by its ReLU (conv1x1.cpp; checks its own arguments). AVX2 + FMA CPUs only.
+bool conv1x1_supported();
+// w [Cout, Cin, 1, 1] float32 (Cout a multiple of 16) -> [Cout/16, Cin, 16] panels.
+at::Tensor pack_conv1x1_weight(const at::Tensor& w);
+at::Tensor conv1x1_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride);
+
 // Training batch norm (batchnorm.cpp). x, dy, residual, dx, dres dense in one memory format; scale,
 // shift, mean and the coefficients dense 1-D in x's math type (float, double for float64 x).
 // Per-channel batch mean and biased variance (two passes per tile, Chan's combine across tiles).

@@ -62,8 +62,11 @@ _MAX_PACKS_PER_WEIGHT = 4
 
 
 def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+    """oneDNN's fused convolution (prepacked weight), or for a 1x1 layer where our GEMM kernel runs,
+    whichever layer_choice measured faster for this shape on this CPU (once; cached on disk)."""
     C = _ext.load()
     slot = fold.packed_slot(w)
+    dense = w
     if slot is not None:
         # A folded (persistent) weight: prepack once per route, conv geometry and input shape.
         key = ("cpp", C.conv_route(x.device.type, x.dtype), *stride, *padding, *dilation, groups, *x.shape)
@@ -75,7 +78,60 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> R
             packed = slot[key] = C.prepack_conv_weight(w, stride, padding, dilation, groups, list(x.shape))
         w = packed
     run = C.conv_bias_act
-    return lambda x, residual: run(x, w, b, residual, relu, stride, padding, dilation, groups)
+
+    def onednn(x: Tensor, residual: Tensor | None) -> Tensor:
+        return run(x, w, b, residual, relu, stride, padding, dilation, groups)
+
+    if slot is None or not _gemm1x1_fits(C, x, dense, stride, padding, dilation, groups):
+        return onednn
+    gemm = _gemm1x1_runner(C, slot, dense, b, relu, stride[0])
+    choice_key = layer_choice.conv_key(
+        tuple(x.shape),
+        tuple(dense.shape),
+        x.dtype,
+        stride,
+        padding,
+        dilation,
+        groups,
+        residual is not None,
+        "cpu",
+    )
+    path = layer_choice.choose_cpu(
+        choice_key, {"onednn": lambda: onednn(x, residual), "gemm1x1": lambda: gemm(x, residual)}
+    )
+    return gemm if path == "gemm1x1" else onednn
+
+
+def _gemm1x1_fits(C, x, w, stride, padding, dilation, groups) -> bool:
+    """Where resnet_fast._C's 1x1 GEMM kernel runs: float32 CPU, 1x1, no padding, equal strides, groups 1,
+    output channels a multiple of its 16-channel panels, and a CPU with AVX2 + FMA."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and tuple(w.shape[2:]) == (1, 1)
+        and list(padding) == [0, 0]
+        and list(dilation) == [1, 1]
+        and stride[0] == stride[1]
+        and groups == 1
+        and w.shape[0] % 16 == 0
+        and C.conv1x1_supported()
+    )
+
+
+def _gemm1x1_runner(C, slot, w, b, relu, stride) -> Runner:
+    packed = slot.get(("gemm1x1",))
+    if packed is None:
+        packed = slot[("gemm1x1",)] = C.pack_conv1x1_weight(w)
+    bias = None if b is None else b.contiguous()
+    kernel = C.conv1x1_bias_act
+
+    def gemm1x1(x: Tensor, residual: Tensor | None) -> Tensor:
+        # The kernel reads channels_last; a plan is keyed by shape, not layout, so convert here.
+        x = x.contiguous(memory_format=_CL)
+        residual = None if residual is None else residual.contiguous(memory_format=_CL)
+        return kernel(x, packed, bias, residual, relu, stride)
+
+    return gemm1x1
 
 
 # ---- Triton ("triton"), imported on first use ----

@@ -1,8 +1,10 @@
-"""Per conv shape on CUDA: Triton implicit-GEMM conv with fused epilogue, or cuDNN conv followed
-by the Triton epilogue, whichever measured faster. Measured once per shape (batch bucketed) and GPU,
-kept in memory and on disk, so a fused model is never slower than cuDNN layer by layer.
+"""Per conv shape, the fastest of a layer's candidate paths, measured once per shape (batch bucketed)
+and machine, kept in memory and on disk, so a fused model is never slower than the library kernel
+layer by layer. On CUDA: Triton implicit-GEMM conv with fused epilogue, or cuDNN conv followed by the
+Triton epilogue. On CPU: oneDNN's fused convolution, or resnet_fast's own kernel where one exists for
+the shape (the 1x1 GEMM). Ties go to the library kernel (cuDNN, oneDNN).
 
-Timing: each sample is one CUDA event pair around LAUNCHES back-to-back calls (one call per pair would
+Timing on CUDA: each sample is one CUDA event pair around LAUNCHES back-to-back calls (one call per pair would
 measure the host's launch latency, tens of us, not the GPU's work), rounds interleave the paths, the
 medians decide. Nothing is timed or tuned during CUDA graph capture (it would synchronize and break the
 capture): there, a key takes cuDNN unless its chosen path already ran (so was tuned and compiled) in
@@ -15,24 +17,28 @@ import json
 import os
 import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-PATHS = ("triton", "cudnn")
+LIBRARY_PATH = {"cuda": "cudnn", "cpu": "onednn"}  # the path a tie goes to, per device type
 
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "triton" or "cudnn"
-    triton_ms: float | None
-    cudnn_ms: float | None
+    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn" or "gemm1x1"
+    ms: dict[str, float]  # median milliseconds per call of every path measured
 
 
 LAUNCHES = 10  # calls per event pair
 ROUNDS = 5  # samples per path, interleaved
+# On CPU a ResNet layer takes 0.1-30 ms and a model's first call measures every new shape: one call
+# per sample and fewer rounds keep that call near a second or two.
+CPU_CALLS = 1
+CPU_ROUNDS = 3
 
 
 def batch_bucket(n: int) -> int:
@@ -49,12 +55,15 @@ def conv_key(
     dilation: tuple[int, int],
     groups: int,
     has_residual: bool,
+    device_type: str = "cuda",
 ) -> str:
-    """What decides a conv's speed: shapes (batch bucketed), dtype, geometry, epilogue (ReLU costs nothing)."""
+    """What decides a conv's speed: shapes (batch bucketed), dtype, geometry, epilogue (ReLU costs nothing),
+    and TF32 on CUDA, the thread count on CPU."""
     x_shape = (batch_bucket(x_shape[0]), *x_shape[1:])
+    machine = f"tf32{int(_tf32())}" if device_type == "cuda" else f"threads{torch.get_num_threads()}"
     return (
         f"x{list(x_shape)} w{list(w_shape)} {str(dtype).removeprefix('torch.')} s{list(stride)} "
-        f"p{list(padding)} d{list(dilation)} g{groups} res{int(has_residual)} tf32{int(_tf32())}"
+        f"p{list(padding)} d{list(dilation)} g{groups} res{int(has_residual)} {machine}"
     )
 
 
@@ -64,24 +73,45 @@ def _tf32() -> bool:
     return allow_tf32()
 
 
-def cache_file() -> Path:
+def cpu_name() -> str:
+    """The CPU model, precise enough to tell its generations apart (two AMD EPYC generations both call
+    themselves "AMD EPYC"): the model name with its family and model numbers."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor's block is enough
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return f"{fields.get('model name', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
+def cache_file(device_type: str = "cuda") -> Path:
     root = Path(os.environ.get("RESNET_FAST_CACHE", Path.home() / ".cache" / "resnet_fast"))
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
-    slug = "".join(ch if ch.isalnum() else "_" for ch in gpu)
+    if device_type == "cpu":
+        name = "cpu-" + cpu_name()
+    else:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
     return root / f"layer_choice-{slug}-torch{torch.__version__.split('+')[0]}.json"
 
 
 class ChoiceCache:
-    """Measured choices by conv key, loaded from and saved to one JSON file."""
+    """Measured choices by conv key, loaded from and saved to one JSON file (one per device type)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, device_type: str = "cuda") -> None:
         self._path = path
+        self._device_type = device_type
         self._choices: dict[str, Choice] | None = None
         self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
-        return self._path or cache_file()
+        return self._path or cache_file(self._device_type)
 
     def _load(self) -> dict[str, Choice]:
         if self._choices is None:
@@ -112,6 +142,7 @@ class ChoiceCache:
 
 
 CACHE = ChoiceCache()
+CPU_CACHE = ChoiceCache(device_type="cpu")
 
 
 def cuda_timer(fn: Callable[[], object], launches: int = LAUNCHES) -> float:
@@ -125,22 +156,33 @@ def cuda_timer(fn: Callable[[], object], launches: int = LAUNCHES) -> float:
     return start.elapsed_time(end) / launches
 
 
+def cpu_timer(fn: Callable[[], object], calls: int = CPU_CALLS) -> float:
+    """Milliseconds per call of fn() on CPU, from perf_counter around `calls` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def measure(
-    run: dict[str, Callable[[], object]], timer: Callable[[Callable[[], object]], float] | None = None
+    run: dict[str, Callable[[], object]],
+    timer: Callable[[Callable[[], object]], float] | None = None,
+    library: str = "cudnn",
+    rounds: int = ROUNDS,
 ) -> Choice:
     """Time each path (after a warm-up call that also autotunes Triton): ROUNDS samples per path, the
-    rounds interleaved so that clock and thermal drift hit both paths alike; medians decide."""
+    rounds interleaved so that clock and thermal drift hit every path alike; medians decide, and ties
+    go to the `library` path (the promise is "never slower than the library")."""
     timer = timer or cuda_timer
     for fn in run.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in run}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, fn in run.items():
             samples[name].append(timer(fn))
     ms = {name: statistics.median(values) for name, values in samples.items()}
-    # Ties go to cuDNN: the promise is "never slower than cuDNN".
-    path = "triton" if ms["triton"] < ms["cudnn"] else "cudnn"
-    return Choice(path, ms["triton"], ms["cudnn"])
+    path = min(ms, key=lambda name: (ms[name], name != library))
+    return Choice(path, ms)
 
 
 def _capturing() -> bool:
@@ -152,7 +194,7 @@ _RAN: set[str] = set()
 
 
 def choose(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCache | None = None) -> str:
-    """The path for this conv: cached, else measured now. During CUDA graph capture, the cached path
+    """The path for this CUDA conv: cached, else measured now. During CUDA graph capture, the cached path
     only if it already ran in this process (a "triton" choice read from disk would otherwise send the
     capture into an untuned autotuner), else cuDNN; nothing is measured or cached there."""
     cache = cache or CACHE
@@ -163,4 +205,17 @@ def choose(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCache | 
         known = measure(run)
         cache.put(key, known)
     _RAN.add(key)  # the caller runs the path now (measure ran both)
+    return known.path
+
+
+def choose_cpu(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCache | None = None) -> str:
+    """The path for this CPU conv: cached (per CPU model and torch version), else measured now. A key
+    with one candidate takes it unmeasured."""
+    if len(run) == 1:
+        return next(iter(run))
+    cache = cache or CPU_CACHE
+    known = cache.get(key)
+    if known is None or known.path not in run:
+        known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS)
+        cache.put(key, known)
     return known.path

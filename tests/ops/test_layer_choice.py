@@ -1,4 +1,5 @@
-"""Per-layer Triton-vs-cuDNN choice: the decision logic and its disk cache, with a fake timer (no GPU)."""
+"""Per-layer path choice (Triton vs cuDNN on CUDA, oneDNN vs our 1x1 GEMM on CPU): the decision logic and
+its disk cache, with a fake timer (no GPU)."""
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_choice_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
 
     def measure(run, timer=None):  # noqa: ARG001
         timed.append(1)
-        return layer_choice.Choice("triton", 1.0, 2.0)
+        return layer_choice.Choice("triton", {"triton": 1.0, "cudnn": 2.0})
 
     monkeypatch.setattr(layer_choice, "measure", measure)
     key = layer_choice.conv_key(
@@ -44,7 +45,9 @@ def test_choice_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     assert layer_choice.choose(key, {}, cache) == "triton"
     assert len(timed) == 1  # measured once
     # A new process reads the file instead of measuring again.
-    assert layer_choice.ChoiceCache(path).get(key) == layer_choice.Choice("triton", 1.0, 2.0)
+    assert layer_choice.ChoiceCache(path).get(key) == layer_choice.Choice(
+        "triton", {"triton": 1.0, "cudnn": 2.0}
+    )
 
 
 def test_key_separates_what_changes_speed():
@@ -119,12 +122,14 @@ def test_measure_interleaves_rounds_and_takes_medians():
 
     choice = layer_choice.measure({"triton": lambda: "triton", "cudnn": lambda: "cudnn"}, timer)
     assert order == ["triton", "cudnn"] * layer_choice.ROUNDS  # interleaved, one warm-up call each before
-    assert choice == layer_choice.Choice("triton", 1.0, 2.0)  # medians: two outliers of 9 do not decide
+    assert choice == layer_choice.Choice(
+        "triton", {"triton": 1.0, "cudnn": 2.0}
+    )  # medians: two outliers of 9 do not decide
 
 
 def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, monkeypatch):
     cache = layer_choice.ChoiceCache(tmp_path / "choices.json")
-    cache.put("known", layer_choice.Choice("triton", 1.0, 2.0))  # as if read from disk
+    cache.put("known", layer_choice.Choice("triton", {"triton": 1.0, "cudnn": 2.0}))  # as if read from disk
     measured = []
     monkeypatch.setattr(layer_choice, "measure", lambda run, timer=None: measured.append(1))
     monkeypatch.setattr(layer_choice, "_capturing", lambda: True)
@@ -139,3 +144,45 @@ def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, mon
     monkeypatch.setattr(layer_choice, "_capturing", lambda: True)
     assert layer_choice.choose("known", {}, cache) == "triton"
     assert not measured
+
+
+def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
+    cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
+    calls = {"onednn": 0, "gemm1x1": 0}
+
+    def path(name):
+        def run():
+            calls[name] += 1
+
+        return run
+
+    run = {"onednn": path("onednn"), "gemm1x1": path("gemm1x1")}
+    key = layer_choice.conv_key(
+        (8, 64, 56, 56), (256, 64, 1, 1), torch.float32, [1, 1], [0, 0], [1, 1], 1, False, "cpu"
+    )
+    chosen = layer_choice.choose_cpu(key, run, cache)
+    per_path = 1 + layer_choice.CPU_ROUNDS * layer_choice.CPU_CALLS  # a warm-up call, then the samples
+    assert calls == {"onednn": per_path, "gemm1x1": per_path}
+    assert layer_choice.choose_cpu(key, run, cache) == chosen  # cached: not measured again
+    assert calls["onednn"] == per_path
+    assert (
+        layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu").get(key).path == chosen
+    )  # on disk
+    # Equal medians go to the library kernel; one candidate is taken unmeasured.
+    tie = layer_choice.measure(
+        {"gemm1x1": lambda: "gemm1x1", "onednn": lambda: "onednn"},
+        _fake_timer({"gemm1x1": 2.0, "onednn": 2.0}),
+        "onednn",
+    )
+    assert tie.path == "onednn"
+    assert layer_choice.choose_cpu("other", {"onednn": lambda: 1 / 0}, cache) == "onednn"
+
+
+def test_cpu_key_and_file_name_the_machine():
+    key = layer_choice.conv_key(
+        (8, 64, 56, 56), (64, 64, 1, 1), torch.float32, [1, 1], [0, 0], [1, 1], 1, False, "cpu"
+    )
+    assert f"threads{torch.get_num_threads()}" in key and "tf32" not in key
+    name = layer_choice.cache_file("cpu").name
+    assert name.startswith("layer_choice-cpu") and f"torch{torch.__version__.split('+')[0]}" in name
+    assert "family" in layer_choice.cpu_name()  # generations of one model name are told apart
