@@ -60,26 +60,10 @@ def explain(
             "path": "unfused PyTorch",
             "ms": None,  # per candidate path, where layer_choice measured them
         }
-        if name_of_backend == "cpp":
-            row["path"] = conv_route(device.type, param.dtype)
-            if device.type == "cpu" and name in shapes:
-                key = layer_choice.conv_key(
-                    shapes[name],
-                    tuple(conv.weight.shape),
-                    param.dtype,
-                    list(conv.stride),
-                    list(conv.padding),
-                    list(conv.dilation),
-                    conv.groups,
-                    name in tails,
-                    "cpu",
-                )
-                choice = layer_choice.CPU_CACHE.get(key)
-                if choice is not None and choice.path != "onednn":
-                    row["path"] = f"{choice.path} (resnet_fast._C: 1x1 conv as one GEMM, fused epilogue)"
-                if choice is not None:
-                    row["ms"] = choice.ms
-        elif name_of_backend == "triton" and name in shapes:
+        # Layers with measured candidates: Triton's (CUDA) and the cpp backend's on CPU.
+        measured = name_of_backend == "triton" or (name_of_backend == "cpp" and device.type == "cpu")
+        key = None
+        if measured and name in shapes:  # the key layer_choice keeps this layer's choice under
             key = layer_choice.conv_key(
                 shapes[name],
                 tuple(conv.weight.shape),
@@ -88,8 +72,17 @@ def explain(
                 list(conv.padding),
                 list(conv.dilation),
                 conv.groups,
-                has_residual=name in tails,
+                name in tails,
+                device.type,
             )
+        if name_of_backend == "cpp":
+            row["path"] = conv_route(device.type, param.dtype)
+            choice = layer_choice.CPU_CACHE.get(key) if key else None
+            if choice is not None:
+                row["ms"] = choice.ms
+                if choice.path != "onednn":
+                    row["path"] = f"{choice.path} (resnet_fast._C: 1x1 conv as one GEMM, fused epilogue)"
+        elif name_of_backend == "triton" and key:
             choice = layer_choice.CACHE.get(key)
             if choice is not None:
                 row.update(path=choice.path, ms=choice.ms)
