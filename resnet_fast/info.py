@@ -45,12 +45,27 @@ def info() -> dict:
             "cpu float32": conv_route("cpu", torch.float32),
             "cpu bfloat16": conv_route("cpu", torch.bfloat16),
             "cuda": conv_route("cuda", torch.float32),
+            "cpu float32 1x1": _gemm1x1(module),
         },
         "cpu bfloat16": _cpu_bf16(),
         "requested backend": backend.get_backend(),
         "backends": backend.status(),
         "auto choice": {dev: backend.backend_for(torch.device(dev)) for dev in ("cpu", "cuda")},
     }
+
+
+def _gemm1x1(module) -> str:
+    """Whether float32 1x1 layers on CPU have our GEMM kernel as a candidate beside oneDNN."""
+    from .ops import layer_choice
+
+    if module is None:
+        return "oneDNN only (resnet_fast._C unavailable)"
+    if not module.conv1x1_supported():
+        return "oneDNN only (the 1x1 GEMM kernel needs an x86-64 CPU with AVX2 + FMA)"
+    return (
+        "oneDNN or the 1x1 GEMM kernel (AVX2 + FMA), whichever measured faster per layer shape; "
+        f"choices in {layer_choice.cache_file('cpu')}"
+    )
 
 
 def _cpu_bf16() -> str:

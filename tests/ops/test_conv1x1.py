@@ -148,3 +148,7 @@ def test_only_fitting_layers_are_candidates(_always_gemm):
         resnet_fast.nn.conv_bn_act(x, conv, bn)
         resnet_fast.nn.conv_bn_act(x.double(), conv.double(), bn.double())  # float64: oneDNN/aten only
     assert _always_gemm == []
+
+
+def test_info_names_the_candidate():
+    assert resnet_fast.info()["cpp conv route"]["cpu float32 1x1"].startswith("oneDNN or the 1x1 GEMM kernel")
