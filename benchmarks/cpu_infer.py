@@ -108,8 +108,8 @@ def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) 
     scanned: list[torch.Tensor] = []
     make = conv_ops._CONV_RUNNER["cpp"]
 
-    def recording(x, w, b, residual, relu, *geometry):
-        run = make(x, w, b, residual, relu, *geometry)
+    def recording(x, w, b, residual, relu, *geometry, **options):
+        run = make(x, w, b, residual, relu, *geometry, **options)
 
         def recorded(x, residual):
             if relu and run.__name__ == "onednn":

@@ -358,8 +358,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_conv1x1_weight", &resnet_fast::cpu::pack_conv1x1_weight,
         "[Cout, Cin, 1, 1] float32 -> [Cout/16, Cin, 16] panels for conv1x1_bias_act", py::arg("w"));
   m.def("conv1x1_bias_act", &resnet_fast::cpu::conv1x1_bias_act,
-        "act(conv1x1(x, w, stride) + b (+ residual)) on channels_last float32, one GEMM with the epilogue fused",
-        py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"));
+        "act(conv1x1(x, w, stride) + b (+ residual)) on channels_last float32, one GEMM with the epilogue fused; "
+        "inplace writes it into residual",
+        py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
+        py::arg("inplace") = false);
   m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
         "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));
 }

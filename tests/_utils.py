@@ -36,8 +36,8 @@ def record_conv_calls(monkeypatch, backend: str, record, impl=None) -> None:
 
     make = conv_ops._per_call_runner(impl) if impl is not None else conv_ops._CONV_RUNNER[backend]
 
-    def counting(x, w, b, residual, relu, *conv):
-        run = make(x, w, b, residual, relu, *conv)
+    def counting(x, w, b, residual, relu, *conv, **options):
+        run = make(x, w, b, residual, relu, *conv, **options)
 
         def counted(x, residual):
             record(x, w, b, residual, relu)

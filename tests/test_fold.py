@@ -240,7 +240,9 @@ def test_eval_plan_is_resolved_once_per_input_shape(monkeypatch):
     resnet_fast.set_backend("cpp")
     made = []
     real = resnet_fast.ops.conv_runner
-    monkeypatch.setattr(resnet_fast.ops, "conv_runner", lambda *a: made.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(
+        resnet_fast.ops, "conv_runner", lambda *a, **kw: made.append(a[0].shape) or real(*a, **kw)
+    )
     conv, bn = _pair()
     x = _x()
     for _ in range(3):

@@ -52,12 +52,17 @@ bool cpu_has_avx2_fma() {
 __attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64_t kc, const float* bp,
                                                    float* const* c, int64_t rows, bool first, bool last,
                                                    const float* bias, const float* const* res, bool relu) {
+  // The first K block starts from bias (+ residual), so the residual is read before any write to c:
+  // c may be the residual itself (in place); later blocks continue from c's partial sums.
   __m256 acc[MR][2];
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : zero;
+  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : zero;
 #pragma GCC unroll 6
   for (int64_t i = 0; i < MR; ++i) {
     if (first) {
-      acc[i][0] = _mm256_setzero_ps();
-      acc[i][1] = _mm256_setzero_ps();
+      acc[i][0] = res ? _mm256_add_ps(bias0, _mm256_loadu_ps(res[i])) : bias0;
+      acc[i][1] = res ? _mm256_add_ps(bias1, _mm256_loadu_ps(res[i] + 8)) : bias1;
     } else {
       acc[i][0] = _mm256_loadu_ps(c[i]);
       acc[i][1] = _mm256_loadu_ps(c[i] + 8);
@@ -87,22 +92,11 @@ __attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64
     acc[5][0] = _mm256_fmadd_ps(v, b0, acc[5][0]);
     acc[5][1] = _mm256_fmadd_ps(v, b1, acc[5][1]);
   }
-  if (last) {
-    const __m256 zero = _mm256_setzero_ps();
-    const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : zero;
-    const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : zero;
+  if (last && relu) {  // max(0, v): NaN in the second operand is returned, as torch.relu keeps it
 #pragma GCC unroll 6
     for (int64_t i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], bias0);
-      acc[i][1] = _mm256_add_ps(acc[i][1], bias1);
-      if (res) {
-        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(res[i]));
-        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(res[i] + 8));
-      }
-      if (relu) {  // max(0, v): NaN in the second operand is returned, as torch.relu keeps it
-        acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
-        acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
-      }
+      acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
+      acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
     }
   }
 #pragma GCC unroll 6
@@ -154,12 +148,13 @@ at::Tensor pack_conv1x1_weight(const at::Tensor& w) {
 }
 
 at::Tensor conv1x1_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride) {
+                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride, bool inplace) {
   check_args(x, packed, b, residual, stride);
+  TORCH_CHECK(!inplace || residual.has_value(), "conv1x1_bias_act: inplace needs a residual to write into");
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t oh = (h - 1) / stride + 1, ow = (w - 1) / stride + 1;
   const int64_t panels = packed.size(0), cout = panels * NR, m_total = n * oh * ow;
-  auto out = at::empty({n, cout, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto out = inplace ? *residual : at::empty({n, cout, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 #if RF_HAVE_CONV1X1
   const float* xp = x.const_data_ptr<float>();
   const float* wp = packed.const_data_ptr<float>();

@@ -40,8 +40,9 @@ void set_conv_route(const std::string& route);
 bool conv1x1_supported();
 // w [Cout, Cin, 1, 1] float32 (Cout a multiple of 16) -> [Cout/16, Cin, 16] panels.
 at::Tensor pack_conv1x1_weight(const at::Tensor& w);
+// inplace: the output is written into residual (channels_last, the output's shape) and returned.
 at::Tensor conv1x1_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride);
+                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride, bool inplace);
 
 // Training batch norm (batchnorm.cpp). x, dy, residual, dx, dres dense in one memory format; scale,
 // shift, mean and the coefficients dense 1-D in x's math type (float, double for float64 x).

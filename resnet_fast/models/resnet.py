@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 from urllib.error import URLError
 
 import torch
 from torch import Tensor, nn
 
-from ..nn import ConvBN, conv_bn_act, max_pool2d, to_model_layout
+from ..nn import ConvBN, SyncBatchNorm, conv_bn_act, max_pool2d, to_model_layout
+from ..nn.fused import private_activations
 
 __all__ = [
     "ResNet",
@@ -131,6 +133,20 @@ class Bottleneck(nn.Module):
         out = conv_bn_act(x, self.conv1, self.bn1)
         out = conv_bn_act(out, self.conv2, self.bn2)
         return conv_bn_act(out, self.conv3, self.bn3, residual=identity)
+
+
+# Modules whose forward returns what it computed and keeps no reference to its input or output.
+_KEEPS_NO_REFERENCE = (
+    nn.Sequential,
+    BasicBlock,
+    Bottleneck,
+    ConvBN,
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    SyncBatchNorm,
+    nn.ReLU,
+    nn.Identity,
+)
 
 
 class ResNet(nn.Module):
@@ -278,10 +294,12 @@ class ResNet(nn.Module):
         x = conv_bn_act(x, self.conv1, self.bn1)
         x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
 
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        # Tensors no one else can see: the residual adds may run in place (see _activations_private).
+        with private_activations() if self._activations_private() else nullcontext():
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
@@ -291,6 +309,29 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
+
+    def _activations_private(self) -> bool:
+        """Whether no one outside this forward can see the tensors its blocks pass on: no gradients (no
+        autograd graph keeps them), eager (not compiled, traced or exported), no forward hooks on the
+        max pool or anywhere in the stages nor global ones, and every module in them one whose forward
+        keeps no reference."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        # layer1's input is the max pool's output: a fresh tensor only from a plain, unhooked MaxPool2d.
+        pool = self.maxpool
+        if type(pool) is not nn.MaxPool2d or pool._forward_hooks or pool._forward_pre_hooks:
+            return False
+        stack = [self.layer1, self.layer2, self.layer3, self.layer4]
+        while stack:  # every module of the stages (a plain walk: modules() costs ~4x more per forward)
+            m = stack.pop()
+            if m is None:
+                continue
+            if type(m) not in _KEEPS_NO_REFERENCE or m._forward_hooks or m._forward_pre_hooks:
+                return False
+            stack.extend(m._modules.values())
+        return True
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script cannot compile the fused ops' Python dispatch: say what works instead.

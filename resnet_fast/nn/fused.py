@@ -3,6 +3,10 @@ the modules are plain, else exactly as torchvision runs it."""
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +38,24 @@ def _exporting() -> bool:
     Cheap in eager mode (two flag reads): the TorchScript ONNX exporter traces with torch.jit, the
     dynamo one with torch.export, so torch.onnx is consulted only inside those."""
     return torch.jit.is_tracing() or (torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export())
+
+
+# Set by a model's forward (models/resnet.py) around its residual stages when no one outside the
+# forward can see the tensors passed between blocks: the last conv of a block may then write its
+# output into the residual (the block's input or its downsample's output), as onnxruntime and
+# OpenVINO do, instead of into a fresh buffer. A contextvar: per thread, so concurrent forwards of
+# one model do not see each other's setting.
+_PRIVATE = contextvars.ContextVar("resnet_fast_private_activations", default=False)
+
+
+@contextmanager
+def private_activations() -> Iterator[None]:
+    """Within: block residuals are the forward's own tensors, dead after the block's last conv."""
+    token = _PRIVATE.set(True)
+    try:
+        yield
+    finally:
+        _PRIVATE.reset(token)
 
 
 def fused_backend(x: Tensor) -> bool:
@@ -109,13 +131,14 @@ def _eval_fused(
     # (so any change to a parameter, buffer or dtype drops it): one backend call, about what
     # F.conv2d costs in host time, instead of the custom op's dispatch and checks on every call.
     entry = fold.folded(conv, bn, x.dtype)
-    key = (x.shape, x.device, residual is not None, relu, backend)
+    inplace = residual is not None and _PRIVATE.get()
+    key = (x.shape, x.device, residual is not None, relu, backend, inplace)
     run = entry.runners.get(key)
     if run is None:
         if len(entry.runners) >= _MAX_PLANS_PER_LAYER:
             del entry.runners[next(iter(entry.runners))]  # the oldest, with the prepacked weight it holds
         run = entry.runners[key] = ops.conv_runner(
-            x, entry.weight, entry.bias, residual, relu, *_geometry(conv)
+            x, entry.weight, entry.bias, residual, relu, *_geometry(conv), inplace=inplace
         )
     return run(x, residual)
 

@@ -61,9 +61,10 @@ def _scale_shift_torch(x, scale, shift, residual, relu) -> Tensor:
 _MAX_PACKS_PER_WEIGHT = 4
 
 
-def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
     """oneDNN's fused convolution (prepacked weight), or for a 1x1 layer where our GEMM kernel runs,
-    whichever layer_choice measured faster for this shape on this CPU (once; cached on disk)."""
+    whichever layer_choice measured faster for this shape on this CPU (once; cached on disk). With
+    `inplace` the GEMM writes its output into the residual (oneDNN's path still writes a fresh one)."""
     C = _ext.load()
     slot = fold.packed_slot(w)
     dense = w
@@ -84,7 +85,7 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> R
 
     if slot is None or not _gemm1x1_fits(C, x, dense, stride, padding, dilation, groups):
         return onednn
-    gemm = _gemm1x1_runner(C, slot, dense, b, relu, stride[0])
+    gemm = _gemm1x1_runner(C, slot, dense, b, relu, stride[0], False)
     choice_key = layer_choice.conv_key(
         tuple(x.shape),
         tuple(dense.shape),
@@ -99,7 +100,14 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> R
     path = layer_choice.choose_cpu(
         choice_key, {"onednn": lambda: onednn(x, residual), "gemm1x1": lambda: gemm(x, residual)}
     )
-    return gemm if path == "gemm1x1" else onednn
+    if path != "gemm1x1":
+        return onednn
+    # Chosen on out-of-place timings (measuring must not overwrite the residual), run in place if allowed.
+    return (
+        _gemm1x1_runner(C, slot, dense, b, relu, stride[0], True)
+        if inplace and residual is not None
+        else gemm
+    )
 
 
 def _gemm1x1_fits(C, x, w, stride, padding, dilation, groups) -> bool:
@@ -118,7 +126,7 @@ def _gemm1x1_fits(C, x, w, stride, padding, dilation, groups) -> bool:
     )
 
 
-def _gemm1x1_runner(C, slot, w, b, relu, stride) -> Runner:
+def _gemm1x1_runner(C, slot, w, b, relu, stride, inplace) -> Runner:
     packed = slot.get(("gemm1x1",))
     if packed is None:
         packed = slot[("gemm1x1",)] = C.pack_conv1x1_weight(w)
@@ -129,7 +137,7 @@ def _gemm1x1_runner(C, slot, w, b, relu, stride) -> Runner:
         # The kernel reads channels_last; a plan is keyed by shape, not layout, so convert here.
         x = x.contiguous(memory_format=_CL)
         residual = None if residual is None else residual.contiguous(memory_format=_CL)
-        return kernel(x, packed, bias, residual, relu, stride)
+        return kernel(x, packed, bias, residual, relu, stride, inplace)
 
     return gemm1x1
 
@@ -137,9 +145,10 @@ def _gemm1x1_runner(C, slot, w, b, relu, stride) -> Runner:
 # ---- Triton ("triton"), imported on first use ----
 
 
-def _triton_runner(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+def _triton_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
     """Per conv shape, the Triton conv with its epilogue or cuDNN conv + the Triton epilogue, whichever
-    layer_choice measured faster (on first use; cached on disk)."""
+    layer_choice measured faster (on first use; cached on disk). Outputs are fresh (`inplace` is an
+    allowance, not used here)."""
     from ..kernels.triton import conv
 
     slot = fold.packed_slot(w)
@@ -183,7 +192,7 @@ def _scale_shift_triton(x, scale, shift, residual, relu) -> Tensor:
 def _per_call_runner(impl: Callable[..., Tensor]) -> Callable[..., Runner]:
     """A runner for a backend that resolves everything on each call."""
 
-    def make(x, w, b, residual, relu, stride, padding, dilation, groups) -> Runner:
+    def make(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
         return lambda x, residual: impl(x, w, b, residual, relu, stride, padding, dilation, groups)
 
     return make
@@ -270,14 +279,20 @@ def conv_runner(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    inplace: bool = False,
 ) -> Runner:
     """What conv_bias_act runs for inputs like these, resolved once: arguments checked, backend
     picked, weight prepacked, path chosen. run(x, residual) then costs about one backend call; it
     is valid only for x and residual of the same shape, dtype, device and layout as given here,
-    with w and b unchanged (nn.fused's per-layer plans keep it under those conditions)."""
+    with w and b unchanged (nn.fused's per-layer plans keep it under those conditions).
+
+    inplace=True allows the run to write its output into the residual and return it (the caller
+    guarantees nothing else reads the residual afterwards); a path may still return a fresh tensor."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check_conv(x, w, b, residual, stride, padding, dilation, groups)
     make = _CONV_RUNNER[backend_for(x.device)]
+    if inplace and residual is not None:
+        return make(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=True)
     return make(x, w, b, residual, relu, stride, padding, dilation, groups)
 
 

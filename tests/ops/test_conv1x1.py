@@ -84,6 +84,18 @@ def test_nan_and_inf_land_where_torch_puts_them(value, where):
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin", [32, 600])  # one K block, three
+def test_in_place_writes_the_residual(cin):
+    x, weight, bias, res = _case(2, cin, 48, 6, 6, 1, True)
+    packed = _C.pack_conv1x1_weight(weight)
+    expected = _C.conv1x1_bias_act(x, packed, bias, res, True, 1)
+    out = _C.conv1x1_bias_act(x, packed, bias, res, True, 1, inplace=True)
+    assert out.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inplace needs a residual"):
+        _C.conv1x1_bias_act(x, packed, bias, None, True, 1, inplace=True)
+
+
 def test_clear_errors():
     x, weight, bias, _ = _case(2, 32, 32, 5, 5, 1, False)
     packed = _C.pack_conv1x1_weight(weight)
@@ -108,7 +120,7 @@ def _always_gemm(monkeypatch):
     real = conv_ops._gemm1x1_runner
 
     def recording(*args):
-        made.append(args[2].shape)
+        made.append(id(args[2]))  # the layer's weight (an in-place layer makes two runners)
         return real(*args)
 
     monkeypatch.setattr(conv_ops, "_gemm1x1_runner", recording)
@@ -132,7 +144,7 @@ def test_model_runs_its_1x1_layers_on_the_gemm(_always_gemm):
         expected = theirs(x)
         out = ours(x)
         again = ours(x.contiguous(memory_format=CL))  # same shape, other layout: the plan converts
-    assert len(_always_gemm) == sum(  # every 1x1 conv of ResNet-50 fits the kernel
+    assert len(set(_always_gemm)) == sum(  # every 1x1 conv of ResNet-50 fits the kernel
         1 for m in ours.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
     )
     scale = expected.abs().max().item()
@@ -152,3 +164,57 @@ def test_only_fitting_layers_are_candidates(_always_gemm):
 
 def test_info_names_the_candidate():
     assert resnet_fast.info()["cpp conv route"]["cpu float32 1x1"].startswith("oneDNN or the 1x1 GEMM kernel")
+
+
+def _resnet50_pair():
+    theirs = torchvision.models.resnet50(num_classes=10).eval()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return resnet_fast.from_torchvision(theirs).eval(), theirs
+
+
+def _in_place_plans(model) -> int:
+    plans = [
+        k
+        for m in model.modules()
+        if "_resnet_fast_fold" in m.__dict__
+        for k in m._resnet_fast_fold.entry.runners
+    ]
+    return sum(1 for key in plans if key[-1])  # the plan key's last field: residual written in place
+
+
+def test_residual_added_in_place_only_where_no_one_else_sees_it(_always_gemm):
+    """In the model's own forward (no grad, no hooks) each block's last conv writes into its residual;
+    a block called directly, or a model with a hook, leaves every tensor the caller holds untouched."""
+    ours, theirs = _resnet50_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        assert _in_place_plans(ours) == 16  # the last conv of each of ResNet-50's 16 blocks
+        held = torch.randn(2, 256, 16, 16).contiguous(memory_format=CL)
+        before = held.clone()
+        ours.layer1[1](held)  # outside the model's forward: not private
+        assert torch.equal(held, before)
+        seen = []
+        hook = ours.layer1[0].register_forward_hook(lambda m, args, out: seen.append((out, out.clone())))
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        hook.remove()
+        out, copy = seen[0]
+        assert torch.equal(out, copy)  # layer1[1] did not write into the output the hook kept
+
+
+def test_a_hooked_max_pool_keeps_its_output(_always_gemm):
+    """ResNet-18's first block has no downsample: its residual is the max pool's output."""
+    theirs = torchvision.models.resnet18(num_classes=10).eval()
+    ours = resnet_fast.from_torchvision(theirs).eval()
+    seen = []
+    ours.maxpool.register_forward_hook(lambda m, args, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        ours(torch.randn(2, 3, 64, 64))
+        assert not ours._activations_private()
+    out, copy = seen[0]
+    assert torch.equal(out, copy)
