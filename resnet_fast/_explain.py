@@ -80,7 +80,7 @@ def explain(
             choice = layer_choice.CPU_CACHE.get(key) if key else None
             if choice is not None:
                 row["ms"] = choice.ms
-                if choice.path != "onednn":
+                if choice.path != layer_choice.LIBRARY_PATH["cpu"]:
                     row["path"] = f"{choice.path} (resnet_fast._C: 1x1 conv as one GEMM, fused epilogue)"
         elif name_of_backend == "triton" and key:
             choice = layer_choice.CACHE.get(key)

@@ -167,7 +167,7 @@ def cpu_timer(fn: Callable[[], object], calls: int = CPU_CALLS) -> float:
 def measure(
     run: dict[str, Callable[[], object]],
     timer: Callable[[Callable[[], object]], float] | None = None,
-    library: str = "cudnn",
+    library: str = LIBRARY_PATH["cuda"],
     rounds: int = ROUNDS,
 ) -> Choice:
     """Time each path (after a warm-up call that also autotunes Triton): ROUNDS samples per path, the

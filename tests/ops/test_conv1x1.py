@@ -131,14 +131,18 @@ def _always_gemm(monkeypatch):
     return made
 
 
-def test_model_runs_its_1x1_layers_on_the_gemm(_always_gemm):
+def _resnet50_pair():
     theirs = torchvision.models.resnet50(num_classes=10).eval()
     with torch.no_grad():
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    ours = resnet_fast.from_torchvision(theirs).eval()
+    return resnet_fast.from_torchvision(theirs).eval(), theirs
+
+
+def test_model_runs_its_1x1_layers_on_the_gemm(_always_gemm):
+    ours, theirs = _resnet50_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = theirs(x)
@@ -164,16 +168,6 @@ def test_only_fitting_layers_are_candidates(_always_gemm):
 
 def test_info_names_the_candidate():
     assert resnet_fast.info()["cpp conv route"]["cpu float32 1x1"].startswith("oneDNN or the 1x1 GEMM kernel")
-
-
-def _resnet50_pair():
-    theirs = torchvision.models.resnet50(num_classes=10).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return resnet_fast.from_torchvision(theirs).eval(), theirs
 
 
 def _in_place_plans(model) -> int:
