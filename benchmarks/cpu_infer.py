@@ -99,7 +99,7 @@ def _peers(theirs: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -
 
 def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
     """What keeping NaN costs on the cpp route: each conv with a ReLU scans its input and residual for
-    Inf/NaN (resnet_fast._C.all_finite) before trusting oneDNN's ReLU post-op (layers on our 1x1 GEMM
+    Inf/NaN (resnet_fast._C.all_finite) before trusting oneDNN's ReLU post-op (layers on our kernels
     keep NaN themselves and scan nothing). Collect those tensors from one forward, then time the scans
     against the forward, interleaved."""
     from resnet_fast import _ext
@@ -111,10 +111,10 @@ def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) 
     def recording(x, w, b, residual, relu, *geometry, **options):
         run = make(x, w, b, residual, relu, *geometry, **options)
 
-        def recorded(x, residual):
+        def recorded(x, residual, buffers=None):
             if relu and run.__name__ == "onednn":
                 scanned.extend(t for t in (x, residual) if t is not None)
-            return run(x, residual)
+            return run(x, residual, buffers)
 
         return recorded
 

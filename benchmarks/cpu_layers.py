@@ -7,7 +7,7 @@ for this table wherever a CPU target is missed.
 Each round runs, one after the other: our forward (its wall time), onnxruntime's profiled run of the
 exported torchvision model (intra-op threads = torch's; its wall time and per-node times), and our
 forward on a second copy whose conv plans (ops.conv_runner, whichever path layer_choice picked:
-oneDNN or the 1x1 GEMM) are wrapped in perf_counter pairs. Medians over `rounds` after two warm-ups;
+oneDNN, the GEMM or Winograd) are wrapped in perf_counter pairs. Medians over `rounds` after two warm-ups;
 our forward's wall time minus its layers' sum is what runs outside the convolutions. Both models
 have cpu_infer.py's weights. This machine's speed drifts by 10-20% over minutes, hence the
 interleaving; single per-layer figures still vary by about that much between runs. onnxruntime names
@@ -43,11 +43,11 @@ def _timed_plans(model: torch.nn.Module, samples: dict, paths: dict) -> list:
         if cache is None:
             continue
         for key, run in list(cache.entry.runners.items()):
-            paths[name] = getattr(run, "__name__", "?")  # "onednn" or "gemm1x1" on the cpp backend
+            paths[name] = getattr(run, "__name__", "?")  # "onednn", "gemm" or "winograd" on the cpp backend
 
-            def timed(x, residual, run=run, name=name):
+            def timed(x, residual, buffers=None, run=run, name=name):
                 start = time.perf_counter()
-                out = run(x, residual)
+                out = run(x, residual, buffers)
                 samples[name].append((time.perf_counter() - start) * 1e3)
                 return out
 

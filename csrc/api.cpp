@@ -330,6 +330,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "act(conv2d(x, w) + b (+ residual)), channels_last out; w dense or from prepack_conv_weight", py::arg("x"),
         py::arg("w"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"));
+  m.def("conv_bias_act_into_residual", &resnet_fast::cpu::conv_bias_act_into_residual,
+        "conv_bias_act on CPU for channels_last x and residual with valid arguments (conv_bias_act checks them), "
+        "written into residual where oneDNN's in-place op runs it (else fresh); returns what was written",
+        py::arg("x"), py::arg("w"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"));
   m.def("prepack_conv_weight", &resnet_fast::prepack_conv_weight,
         "w in the layout conv_bias_act runs fastest with for inputs of input_size (a oneDNN tensor on CPU)",
         py::arg("w"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
@@ -353,15 +358,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
   m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
         py::arg("t"));
-  m.def("conv1x1_supported", &resnet_fast::cpu::conv1x1_supported,
-        "whether conv1x1_bias_act runs here (x86-64 CPU with AVX2 + FMA)");
-  m.def("pack_conv1x1_weight", &resnet_fast::cpu::pack_conv1x1_weight,
-        "[Cout, Cin, 1, 1] float32 -> [Cout/16, Cin, 16] panels for conv1x1_bias_act", py::arg("w"));
-  m.def("conv1x1_bias_act", &resnet_fast::cpu::conv1x1_bias_act,
-        "act(conv1x1(x, w, stride) + b (+ residual)) on channels_last float32, one GEMM with the epilogue fused; "
-        "inplace writes it into residual",
+  m.def("conv_gemm_supported", &resnet_fast::cpu::conv_gemm_supported,
+        "whether conv_gemm_bias_act runs here (x86-64 CPU with AVX2 + FMA)");
+  m.def("pack_conv_gemm_weight", &resnet_fast::cpu::pack_conv_gemm_weight,
+        "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act", py::arg("w"));
+  m.def("conv_gemm_bias_act", &resnet_fast::cpu::conv_gemm_bias_act,
+        "act(conv2d(x, w) + b (+ residual)) on channels_last float32 (groups 1), one implicit GEMM with the "
+        "epilogue fused; written into out when given (out may be the residual itself)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
-        py::arg("inplace") = false);
+        py::arg("padding"), py::arg("dilation"), py::arg("out") = py::none());
+  m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,
+        "[Cout, Cin, 3, 3] float32 -> Winograd F(2x2, 3x3) weights G w G^T as [16, Cout/16, Cin, 16] panels",
+        py::arg("w"));
+  m.def("conv_winograd_bias_act", &resnet_fast::cpu::conv_winograd_bias_act,
+        "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight, channels_last "
+        "float32; written into out when given (out may be the residual itself), its scratch in workspace when given",
+        py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("padding"),
+        py::arg("out") = py::none(), py::arg("workspace") = py::none());
+  m.def("winograd_workspace_size", &resnet_fast::cpu::winograd_workspace_size,
+        "float32 elements of the workspace conv_winograd_bias_act needs for this input shape",
+        py::arg("x_shape"), py::arg("cout"), py::arg("padding"));
+  m.def("max_pool_cl", &resnet_fast::cpu::max_pool_cl,
+        "max_pool2d (no dilation, floor mode) on a channels_last CPU tensor, written into out when given",
+        py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("out") = py::none());
   m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
         "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));
 }

@@ -1,5 +1,5 @@
 """Which path each conv of a model takes on the active backend, and the times layer_choice measured
-(Triton vs cuDNN on CUDA, oneDNN vs the 1x1 GEMM on CPU)."""
+(Triton vs cuDNN on CUDA, oneDNN vs our GEMM or Winograd kernel on CPU)."""
 
 from __future__ import annotations
 

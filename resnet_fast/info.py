@@ -45,7 +45,7 @@ def info() -> dict:
             "cpu float32": conv_route("cpu", torch.float32),
             "cpu bfloat16": conv_route("cpu", torch.bfloat16),
             "cuda": conv_route("cuda", torch.float32),
-            "cpu float32 1x1": _gemm1x1(module),
+            "cpu float32 own kernels": _own_kernels(module),
         },
         "cpu bfloat16": _cpu_bf16(),
         "requested backend": backend.get_backend(),
@@ -54,16 +54,17 @@ def info() -> dict:
     }
 
 
-def _gemm1x1(module) -> str:
-    """Whether float32 1x1 layers on CPU have our GEMM kernel as a candidate beside oneDNN."""
+def _own_kernels(module) -> str:
+    """Whether float32 CPU layers have our kernels as candidates beside oneDNN."""
     from .ops import layer_choice
 
     if module is None:
         return "oneDNN only (resnet_fast._C unavailable)"
-    if not module.conv1x1_supported():
-        return "oneDNN only (the 1x1 GEMM kernel needs an x86-64 CPU with AVX2 + FMA)"
+    if not module.conv_gemm_supported():
+        return "oneDNN only (our GEMM and Winograd kernels need an x86-64 CPU with AVX2 + FMA)"
     return (
-        "oneDNN or the 1x1 GEMM kernel (AVX2 + FMA), whichever measured faster per layer shape; "
+        "oneDNN, the implicit GEMM, or Winograd F(2x2, 3x3) for 3x3 stride-1 layers (AVX2 + FMA; groups 1, "
+        "output channels a multiple of 16), whichever measured faster per layer shape; "
         f"choices in {layer_choice.cache_file('cpu')}"
     )
 

@@ -39,9 +39,9 @@ def record_conv_calls(monkeypatch, backend: str, record, impl=None) -> None:
     def counting(x, w, b, residual, relu, *conv, **options):
         run = make(x, w, b, residual, relu, *conv, **options)
 
-        def counted(x, residual):
+        def counted(x, residual, buffers=None):
             record(x, w, b, residual, relu)
-            return run(x, residual)
+            return run(x, residual, buffers)
 
         return counted
 

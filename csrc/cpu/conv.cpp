@@ -8,6 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <ATen/MemoryOverlap.h>
+
 #include <atomic>
 
 #include "resnet_fast.h"
@@ -18,6 +20,7 @@ namespace {
 
 struct OneDnnOps {
   std::optional<c10::OperatorHandle> unary, binary, reorder;
+  std::optional<c10::OperatorHandle> binary_inplace;  // optional: writes into the residual
   bool bf16 = false;
   bool fp16 = false;
   std::string problem;  // why the ops are unusable ('' when usable)
@@ -66,6 +69,13 @@ OneDnnOps find_onednn_ops() {
     ops.problem = std::string("mkldnn::_convolution_pointwise ops unusable in this torch: ") +
                   error.what_without_backtrace();
     return ops;
+  }
+  try {
+    ops.binary_inplace = find_op("mkldnn::_convolution_pointwise_", "binary",
+                                 {"other", "X", "W", "B", "padding", "stride", "dilation", "groups", "binary_attr",
+                                  "alpha", "unary_attr", "unary_scalars", "unary_algorithm"});
+  } catch (const c10::Error&) {
+    ops.binary_inplace.reset();  // conv_bias_act_into_residual then writes a fresh output
   }
   ops.bf16 = call_bool_op("mkldnn::_is_mkldnn_bf16_supported");
   ops.fp16 = call_bool_op("mkldnn::_is_mkldnn_fp16_supported");
@@ -175,6 +185,31 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::op
     const auto shift = b.has_value() ? b->to(at::toOpMathType(x.scalar_type())).contiguous() : at::Tensor();
     scale_shift_act_out(out, out, at::Tensor(), shift, residual, relu);
   }
+  return out;
+}
+
+at::Tensor conv_bias_act_into_residual(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                       const at::Tensor& residual, bool relu, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.is_cpu() && residual.is_cpu() && residual.scalar_type() == x.scalar_type() && residual.dim() == 4 &&
+                  residual.size(0) == x.size(0) && residual.size(1) == w.size(0),
+              "conv_bias_act_into_residual: expected CPU tensors, the residual [N, Cout, OH, OW] in the input's dtype");
+  const auto& ops = onednn_ops();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  // Where the in-place binary op runs as the out-of-place one would (see conv_bias_act); else a fresh output.
+  const bool in_place = onednn_problem(x.scalar_type()).empty() && ops.binary_inplace.has_value() && groups == 1 &&
+                        residual.size(2) * residual.size(3) != 1 && residual.is_contiguous(cl) &&
+                        x.is_contiguous(cl);
+  if (!in_place) return conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups);
+  at::assert_no_overlap(residual, x);
+  // Checked before the residual is overwritten; oneDNN's ReLU post-op would turn a NaN into 0.
+  const bool post_op_relu = relu && nan_free_before_relu(x, w, b, residual);
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  call(*ops.binary_inplace, {residual, x, w, b.has_value() ? c10::IValue(*b) : c10::IValue(), padding, stride,
+                             dilation, groups, "add", c10::IValue(),
+                             post_op_relu ? c10::IValue("relu") : c10::IValue(), no_scalars, c10::IValue()});
+  auto out = residual;
+  if (relu && !post_op_relu) scale_shift_act_out(out, out, at::Tensor(), at::Tensor(), std::nullopt, relu);
   return out;
 }
 

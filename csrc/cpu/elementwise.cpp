@@ -1,9 +1,14 @@
 // Vectorized, parallel CPU elementwise kernels on dense tensors.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <atomic>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+#include <limits>
 
 #include "resnet_fast.h"
 
@@ -74,6 +79,94 @@ at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "add_relu_cpu", [&] {
     add_relu_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                               out.mutable_data_ptr<scalar_t>(), a.numel());
+  });
+  return out;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The float32 max pool with AVX2 (this extension's portable at::vec builds without it), 8 channels
+// per step. A NaN wins, as in torch: v replaces acc where v > acc or v is NaN.
+__attribute__((target("avx2"))) void max_pool_pixels(const float* xp, float* op, int64_t c, int64_t h, int64_t w,
+                                                     int64_t oh, int64_t ow, const int64_t* k, const int64_t* s,
+                                                     const int64_t* p, int64_t begin, int64_t end) {
+  for (int64_t pix = begin; pix < end; ++pix) {
+    const int64_t img = pix / (oh * ow), oy = (pix / ow) % oh, ox = pix % ow;
+    const int64_t y0 = std::max<int64_t>(0, oy * s[0] - p[0]), y1 = std::min(h, oy * s[0] - p[0] + k[0]);
+    const int64_t x0 = std::max<int64_t>(0, ox * s[1] - p[1]), x1 = std::min(w, ox * s[1] - p[1] + k[1]);
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t iy = y0; iy < y1; ++iy) {
+        for (int64_t ix = x0; ix < x1; ++ix) {
+          const __m256 v = _mm256_loadu_ps(xp + ((img * h + iy) * w + ix) * c + ch);
+          const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, acc, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          acc = _mm256_blendv_ps(acc, v, take);
+        }
+      }
+      _mm256_storeu_ps(op + pix * c + ch, acc);
+    }
+  }
+}
+
+void max_pool_avx2(const float* xp, float* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                   at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  at::parallel_for(0, n * oh * ow, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
+    max_pool_pixels(xp, op, c, h, w, oh, ow, kernel.data(), stride.data(), padding.data(), begin, end);
+  });
+}
+#endif
+
+at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                       const std::optional<at::Tensor>& out_) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && at::isFloatingType(x.scalar_type()),
+              "max_pool_cl: expected a channels_last floating-point [N, C, H, W] tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 &&
+                  stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 &&
+                  2 * padding[0] <= kernel[0] && 2 * padding[1] <= kernel[1],
+              "max_pool_cl: kernel and stride must be 2 values >= 1, padding 2 values at most half the kernel");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t oh = (h + 2 * padding[0] - kernel[0]) / stride[0] + 1;
+  const int64_t ow = (w + 2 * padding[1] - kernel[1]) / stride[1] + 1;
+  TORCH_CHECK(oh >= 1 && ow >= 1, "max_pool_cl: input ", x.sizes(), " is smaller than the kernel");
+  at::Tensor out;
+  if (out_.has_value()) {
+    out = *out_;
+    TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
+                    out.sizes() == at::IntArrayRef({n, c, oh, ow}) && out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "max_pool_cl: out must be a channels_last tensor of the output's shape and the input's dtype");
+    at::assert_no_overlap(out, x);
+  } else {
+    out = at::empty({n, c, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (x.scalar_type() == at::kFloat && c % 8 == 0 && __builtin_cpu_supports("avx2")) {
+    max_pool_avx2(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n, c, h, w, oh, ow, kernel, stride,
+                  padding);
+    return out;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool_cl", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n * oh * ow, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
+      for (int64_t pix = begin; pix < end; ++pix) {
+        const int64_t img = pix / (oh * ow), oy = (pix / ow) % oh, ox = pix % ow;
+        const int64_t y0 = std::max<int64_t>(0, oy * stride[0] - padding[0]);
+        const int64_t y1 = std::min(h, oy * stride[0] - padding[0] + kernel[0]);
+        const int64_t x0 = std::max<int64_t>(0, ox * stride[1] - padding[1]);
+        const int64_t x1 = std::min(w, ox * stride[1] - padding[1] + kernel[1]);
+        for (int64_t ch = 0; ch < c; ch += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), c - ch);
+          // at::vec::maximum propagates NaN, as torch's max pool does; padding never wins.
+          Vec acc(-std::numeric_limits<scalar_t>::infinity());
+          for (int64_t iy = y0; iy < y1; ++iy)
+            for (int64_t ix = x0; ix < x1; ++ix)
+              acc = at::vec::maximum(acc, Vec::loadu(xp + ((img * h + iy) * w + ix) * c + ch, count));
+          acc.store(op + pix * c + ch, count);
+        }
+      }
+    });
   });
   return out;
 }

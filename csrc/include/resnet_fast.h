@@ -11,6 +11,10 @@
 namespace resnet_fast {
 namespace cpu {
 at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
+// Max pool (no dilation, floor mode) on a channels_last tensor, written into out when given; NaN
+// propagates as in torch.
+at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                       const std::optional<at::Tensor>& out);
 
 // No Inf or NaN in t (one vectorized, parallel read pass over its memory).
 bool all_finite(const at::Tensor& t);
@@ -25,6 +29,11 @@ void scale_shift_act_out(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                          const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// The same written into the residual (oneDNN's in-place binary op) where that route runs it, else fresh;
+// returns what was written. The caller guarantees no one else reads the residual afterwards.
+at::Tensor conv_bias_act_into_residual(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                       const at::Tensor& residual, bool relu, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // w in the layout conv_bias_act runs fastest with (a oneDNN blocked mkldnn tensor on the oneDNN route).
 at::Tensor prepack_conv_weight(const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -35,14 +44,24 @@ std::string conv_route(at::ScalarType dtype);
 // "auto" (oneDNN fused ops where the running torch has them) or "aten" (always the fallback).
 void set_conv_route(const std::string& route);
 
-// 1x1 convolution (groups 1, no padding) on channels_last float32 as one GEMM with the epilogue in
-// registers, NaN kept by its ReLU (conv1x1.cpp; checks its own arguments). AVX2 + FMA CPUs only.
-bool conv1x1_supported();
-// w [Cout, Cin, 1, 1] float32 (Cout a multiple of 16) -> [Cout/16, Cin, 16] panels.
-at::Tensor pack_conv1x1_weight(const at::Tensor& w);
-// inplace: the output is written into residual (channels_last, the output's shape) and returned.
-at::Tensor conv1x1_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                            const std::optional<at::Tensor>& residual, bool relu, int64_t stride, bool inplace);
+// A convolution (groups 1, any kernel, stride, padding, dilation) on channels_last float32 as one
+// implicit GEMM with the epilogue in registers, NaN kept by its ReLU (conv_gemm.cpp; checks its own
+// arguments). AVX2 + FMA CPUs only.
+bool conv_gemm_supported();
+// w [Cout, Cin, KH, KW] float32 (Cout a multiple of 16) -> [Cout/16, KH, KW, Cin, 16] panels.
+at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
+// out: where to write (channels_last, the output's shape; may be the residual itself), else fresh.
+at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out);
+// 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) (same file, same CPUs, same out rules).
+// w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [16, Cout/16, Cin, 16] panels.
+at::Tensor pack_winograd_weight(const at::Tensor& w);
+at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
+                                  const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& workspace);
+// Float32 elements of the scratch conv_winograd_bias_act needs (its transformed input and products).
+int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding);
 
 // Training batch norm (batchnorm.cpp). x, dy, residual, dx, dres dense in one memory format; scale,
 // shift, mean and the coefficients dense 1-D in x's math type (float, double for float64 x).

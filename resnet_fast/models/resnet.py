@@ -291,11 +291,11 @@ class ResNet(nn.Module):
     def _forward_impl(self, x: Tensor) -> Tensor:
         self._check_input(x)
         x = to_model_layout(x)
-        x = conv_bn_act(x, self.conv1, self.bn1)
-        x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
-
-        # Tensors no one else can see: the residual adds may run in place (see _activations_private).
-        with private_activations() if self._activations_private() else nullcontext():
+        # Tensors no one else can see: residual adds in place, outputs into buffers kept from the last
+        # forward (see _activations_private).
+        with private_activations(self, x) if self._activations_private() else nullcontext():
+            x = conv_bn_act(x, self.conv1, self.bn1)
+            x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
             x = self.layer1(x)
             x = self.layer2(x)
             x = self.layer3(x)

@@ -3,7 +3,7 @@ the modules are plain, else exactly as torchvision runs it."""
 
 from __future__ import annotations
 
-import contextvars
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,22 +40,34 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or (torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export())
 
 
-# Set by a model's forward (models/resnet.py) around its residual stages when no one outside the
-# forward can see the tensors passed between blocks: the last conv of a block may then write its
-# output into the residual (the block's input or its downsample's output), as onnxruntime and
-# OpenVINO do, instead of into a fresh buffer. A contextvar: per thread, so concurrent forwards of
-# one model do not see each other's setting.
-_PRIVATE = contextvars.ContextVar("resnet_fast_private_activations", default=False)
+# A model's forward (models/resnet.py) runs its layers inside private_activations() when no one
+# outside the forward can see the tensors passed between them: the last conv of a block may then write
+# its output into the residual (the block's input or its downsample's output), and the other layers
+# into buffers kept from the last forward (ops.buffers.current()), as onnxruntime and OpenVINO do,
+# instead of into fresh memory. Per model, its idle Buffers: one per forward running at once (a
+# list's pop and append are atomic), so concurrent forwards never share a buffer.
+_IDLE_BUFFERS: weakref.WeakKeyDictionary[nn.Module, list[ops.Buffers]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def private_activations() -> Iterator[None]:
-    """Within: block residuals are the forward's own tensors, dead after the block's last conv."""
-    token = _PRIVATE.set(True)
+def private_activations(owner: nn.Module, x: Tensor) -> Iterator[None]:
+    """Within: activations are the forward's own; outputs go into `owner`'s buffers for inputs like x."""
+    idle = _IDLE_BUFFERS.setdefault(owner, [])
     try:
-        yield
+        buffers = idle.pop()
+    except IndexError:
+        buffers = ops.Buffers()
+    buffers.start(x)
+    try:
+        with ops.buffers.using(buffers):
+            yield
     finally:
-        _PRIVATE.reset(token)
+        idle.append(buffers)
+
+
+def release_buffers(owner: nn.Module) -> int:
+    """Drop the activation buffers a model keeps between forwards; returns the bytes they held."""
+    return sum(b.nbytes() for b in _IDLE_BUFFERS.pop(owner, []))
 
 
 def fused_backend(x: Tensor) -> bool:
@@ -131,7 +143,8 @@ def _eval_fused(
     # (so any change to a parameter, buffer or dtype drops it): one backend call, about what
     # F.conv2d costs in host time, instead of the custom op's dispatch and checks on every call.
     entry = fold.folded(conv, bn, x.dtype)
-    inplace = residual is not None and _PRIVATE.get()
+    buffers = ops.buffers.current()
+    inplace = residual is not None and buffers is not None
     key = (x.shape, x.device, residual is not None, relu, backend, inplace)
     run = entry.runners.get(key)
     if run is None:
@@ -140,7 +153,7 @@ def _eval_fused(
         run = entry.runners[key] = ops.conv_runner(
             x, entry.weight, entry.bias, residual, relu, *_geometry(conv), inplace=inplace
         )
-    return run(x, residual)
+    return run(x, residual, buffers)
 
 
 # Plans per layer (input shapes x epilogues): a plan can hold a prepacked weight for its input shape,

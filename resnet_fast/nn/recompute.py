@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _ext
 from ..ops import batchnorm as bnops
+from ..ops import buffers as buffers_module
+from ..ops.backend import backend_for
 
 _ATTR = "_resnet_fast_recipe"
 
@@ -136,8 +139,33 @@ class _MaxPool(torch.autograd.Function):
 
 
 def max_pool2d(pool: nn.Module, x: Tensor) -> Tensor:
-    """pool(x), keeping neither x nor the indices for the backward when x has a recipe."""
+    """pool(x), keeping neither x nor the indices for the backward when x has a recipe; in a forward
+    with private activations on the cpp backend, written into a kept buffer."""
     plain = type(pool) is nn.MaxPool2d and not (pool._forward_hooks or pool._forward_pre_hooks)
-    if not (plain and not pool.return_indices and _usable(x)):
+    if not (plain and not pool.return_indices):
+        return pool(x)
+    buffers = buffers_module.current()
+    if buffers is not None and _into_buffer(pool, x):
+        k, s, p = (
+            torch.nn.modules.utils._pair(v)
+            for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+        )
+        shape = [x.shape[0], x.shape[1], *((x.shape[i + 2] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2))]
+        return _ext.load().max_pool_cl(x, k, s, p, buffers.output(shape, x))
+    if not _usable(x):
         return pool(x)
     return _MaxPool.apply(x, pool)
+
+
+def _into_buffer(pool: nn.MaxPool2d, x: Tensor) -> bool:
+    """Where resnet_fast._C's max pool runs it: CPU on the cpp backend, channels_last, no gradient, no
+    dilation, floor mode, padding at most half the kernel (as torch requires)."""
+    return (
+        x.device.type == "cpu"
+        and backend_for(x.device) == "cpp"
+        and not torch.is_grad_enabled()
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+    )

@@ -23,13 +23,15 @@ from torch import Tensor
 from .. import _ext, fold
 from . import layer_choice
 from .backend import backend_for
+from .buffers import Buffers
 from .fused import _layout
 
 __all__ = ["Runner", "conv_bias_act", "conv_route", "conv_runner", "scale_shift_act"]
 
 _CL = torch.channels_last
-# run(x, residual) -> act(conv2d(x, w) + b (+ residual)), everything else bound: see conv_runner().
-Runner = Callable[[Tensor, "Tensor | None"], Tensor]
+# run(x, residual, buffers=None) -> act(conv2d(x, w) + b (+ residual)), everything else bound: see
+# conv_runner(). buffers (a Buffers) is where a path that can write into a given tensor takes its output.
+Runner = Callable[..., Tensor]
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -62,9 +64,10 @@ _MAX_PACKS_PER_WEIGHT = 4
 
 
 def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
-    """oneDNN's fused convolution (prepacked weight), or for a 1x1 layer where our GEMM kernel runs,
-    whichever layer_choice measured faster for this shape on this CPU (once; cached on disk). With
-    `inplace` the GEMM writes its output into the residual (oneDNN's path still writes a fresh one)."""
+    """oneDNN's fused convolution (prepacked weight), or where our kernels run (float32, groups 1, AVX2),
+    whichever layer_choice measured fastest for this shape on this CPU (once; cached on disk): the
+    implicit GEMM, or for 3x3 stride-1 layers Winograd F(2x2, 3x3). With `inplace` (CPU) every path writes
+    into the residual; else ours write into a buffer from the run's Buffers, oneDNN into a fresh output."""
     C = _ext.load()
     slot = fold.packed_slot(w)
     dense = w
@@ -78,14 +81,27 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
                 del slot[ours[0]]  # the oldest
             packed = slot[key] = C.prepack_conv_weight(w, stride, padding, dilation, groups, list(x.shape))
         w = packed
-    run = C.conv_bias_act
+    run, into_residual = C.conv_bias_act, C.conv_bias_act_into_residual
 
-    def onednn(x: Tensor, residual: Tensor | None) -> Tensor:
+    def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
         return run(x, w, b, residual, relu, stride, padding, dilation, groups)
 
-    if slot is None or not _gemm1x1_fits(C, x, dense, stride, padding, dilation, groups):
-        return onednn
-    gemm = _gemm1x1_runner(C, slot, dense, b, relu, stride[0], False)
+    def onednn_in_place(x: Tensor, residual: Tensor, buffers: Buffers | None = None) -> Tensor:
+        x, residual = x.contiguous(memory_format=_CL), residual.contiguous(memory_format=_CL)
+        return into_residual(x, w, b, residual, relu, stride, padding, dilation, groups)
+
+    library = onednn_in_place if inplace and residual is not None and x.device.type == "cpu" else onednn
+    library.__name__ = "onednn"
+    kernels = _own_kernels(C, slot, x, dense, b, relu, stride, padding, dilation, groups)
+    if not kernels:
+        return library
+    shape = _conv_out_shape(x, dense, stride, padding, dilation)
+    # Ours are timed as they run in a model's forward: into a warm output buffer, with warm scratch.
+    out = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
+    space = Buffers()
+    candidates = {"onednn": lambda: onednn(x, residual)}
+    for name, kernel in kernels.items():
+        candidates[name] = lambda kernel=kernel: kernel(x, residual, out, space)
     choice_key = layer_choice.conv_key(
         tuple(x.shape),
         tuple(dense.shape),
@@ -97,49 +113,74 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         residual is not None,
         "cpu",
     )
-    path = layer_choice.choose_cpu(
-        choice_key, {"onednn": lambda: onednn(x, residual), "gemm1x1": lambda: gemm(x, residual)}
-    )
-    if path != "gemm1x1":
-        return onednn
-    # Chosen on out-of-place timings (measuring must not overwrite the residual), run in place if allowed.
-    return (
-        _gemm1x1_runner(C, slot, dense, b, relu, stride[0], True)
-        if inplace and residual is not None
-        else gemm
-    )
+    path = layer_choice.choose_cpu(choice_key, candidates)
+    if path == "onednn":
+        for name in kernels:
+            slot.pop((name,), None)  # our packed weight, not needed
+        return library
+    kernel = kernels[path]
+    all_finite = C.all_finite
 
-
-def _gemm1x1_fits(C, x, w, stride, padding, dilation, groups) -> bool:
-    """Where resnet_fast._C's 1x1 GEMM kernel runs: float32 CPU, 1x1, no padding, equal strides, groups 1,
-    output channels a multiple of its 16-channel panels, and a CPU with AVX2 + FMA."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and tuple(w.shape[2:]) == (1, 1)
-        and list(padding) == [0, 0]
-        and list(dilation) == [1, 1]
-        and stride[0] == stride[1]
-        and groups == 1
-        and w.shape[0] % 16 == 0
-        and C.conv1x1_supported()
-    )
-
-
-def _gemm1x1_runner(C, slot, w, b, relu, stride, inplace) -> Runner:
-    packed = slot.get(("gemm1x1",))
-    if packed is None:
-        packed = slot[("gemm1x1",)] = C.pack_conv1x1_weight(w)
-    bias = None if b is None else b.contiguous()
-    kernel = C.conv1x1_bias_act
-
-    def gemm1x1(x: Tensor, residual: Tensor | None) -> Tensor:
-        # The kernel reads channels_last; a plan is keyed by shape, not layout, so convert here.
+    def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+        if path == "winograd" and not all_finite(x):
+            # Its transforms mix a 4x4 patch: one Inf or NaN would reach outputs that torch keeps finite.
+            return onednn(x, residual)
+        # The kernels read channels_last; a plan is keyed by shape, not layout, so convert here.
         x = x.contiguous(memory_format=_CL)
-        residual = None if residual is None else residual.contiguous(memory_format=_CL)
-        return kernel(x, packed, bias, residual, relu, stride, inplace)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=_CL)
+        if inplace and residual is not None:
+            return kernel(x, residual, residual, buffers)
+        return kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
 
-    return gemm1x1
+    ours.__name__ = path
+    return ours
+
+
+def _own_kernels(
+    C, slot, x, w, b, relu, stride, padding, dilation, groups
+) -> dict[str, Callable[..., Tensor]]:
+    """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
+    take float32 channels_last, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA, and
+    a folded, finite weight (packed once, kept beside it). A 3x3 stride-1 layer gets Winograd instead of the
+    implicit GEMM (which it beats on every ResNet shape measured); other shapes get the GEMM."""
+    if (
+        slot is None
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or groups != 1
+        or w.shape[0] % 16
+        or not C.conv_gemm_supported()
+        or not C.all_finite(w)  # where torch skips the padding, the GEMM would multiply a NaN weight by 0
+    ):
+        return {}
+    bias = None if b is None else b.contiguous()
+    if (
+        tuple(w.shape[2:]) == (3, 3)
+        and list(stride) == [1, 1]
+        and list(dilation) == [1, 1]
+        and w.shape[1] % 8 == 0
+    ):
+        packed = slot.get(("winograd",))
+        if packed is None:
+            packed = slot[("winograd",)] = C.pack_winograd_weight(w)
+        size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding)
+        winograd = C.conv_winograd_bias_act
+
+        def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+            space = buffers.scratch(size, x) if buffers is not None else None
+            return winograd(x, packed, bias, residual, relu, padding, out, space)
+
+        return {"winograd": run_winograd}
+    packed = slot.get(("gemm",))
+    if packed is None:
+        packed = slot[("gemm",)] = C.pack_conv_gemm_weight(w)
+    gemm = C.conv_gemm_bias_act
+
+    def run_gemm(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+        return gemm(x, packed, bias, residual, relu, stride, padding, dilation, out)
+
+    return {"gemm": run_gemm}
 
 
 # ---- Triton ("triton"), imported on first use ----
@@ -161,10 +202,10 @@ def _triton_runner(x, w, b, residual, relu, stride, padding, dilation, groups, i
     shift = b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
     ones = torch.ones_like(shift)
 
-    def triton_conv(x: Tensor, residual: Tensor | None) -> Tensor:
+    def triton_conv(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
         return conv.conv_bias_act(x, w, b, residual, relu, stride, padding, dilation, groups, packed=packed)
 
-    def cudnn_conv(x: Tensor, residual: Tensor | None) -> Tensor:
+    def cudnn_conv(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
         # cuDNN conv (channels_last in, channels_last out), then the Triton epilogue.
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
         return _scale_shift_triton(y, ones, shift, residual, relu)
@@ -174,9 +215,9 @@ def _triton_runner(x, w, b, residual, relu, stride, padding, dilation, groups, i
     )
     if torch.cuda.is_current_stream_capturing():
         # A choice made during capture is provisional (nothing is measured there): decide per call.
-        return lambda x, residual: (triton_conv if layer_choice.choose(key, {}) == "triton" else cudnn_conv)(
-            x, residual
-        )
+        return lambda x, residual, buffers=None: (
+            triton_conv if layer_choice.choose(key, {}) == "triton" else cudnn_conv
+        )(x, residual)
     path = layer_choice.choose(
         key, {"triton": lambda: triton_conv(x, residual), "cudnn": lambda: cudnn_conv(x, residual)}
     )
@@ -193,7 +234,9 @@ def _per_call_runner(impl: Callable[..., Tensor]) -> Callable[..., Runner]:
     """A runner for a backend that resolves everything on each call."""
 
     def make(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
-        return lambda x, residual: impl(x, w, b, residual, relu, stride, padding, dilation, groups)
+        return lambda x, residual, buffers=None: impl(
+            x, w, b, residual, relu, stride, padding, dilation, groups
+        )
 
     return make
 

@@ -1,8 +1,8 @@
 """Per conv shape, the fastest of a layer's candidate paths, measured once per shape (batch bucketed)
 and machine, kept in memory and on disk, so a fused model is never slower than the library kernel
 layer by layer. On CUDA: Triton implicit-GEMM conv with fused epilogue, or cuDNN conv followed by the
-Triton epilogue. On CPU: oneDNN's fused convolution, or resnet_fast's own kernel where one exists for
-the shape (the 1x1 GEMM). Ties go to the library kernel (cuDNN, oneDNN).
+Triton epilogue. On CPU: oneDNN's fused convolution, or resnet_fast's own kernel where one runs the
+shape (implicit GEMM, Winograd F(2x2, 3x3)). Ties go to the library kernel (cuDNN, oneDNN).
 
 Timing on CUDA: each sample is one CUDA event pair around LAUNCHES back-to-back calls (one call per pair would
 measure the host's launch latency, tens of us, not the GPU's work), rounds interleave the paths, the
@@ -29,7 +29,7 @@ LIBRARY_PATH = {"cuda": "cudnn", "cpu": "onednn"}  # the path a tie goes to, per
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn" or "gemm1x1"
+    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm" or "winograd"
     ms: dict[str, float]  # median milliseconds per call of every path measured
 
 
@@ -215,7 +215,7 @@ def choose_cpu(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCach
         return next(iter(run))
     cache = cache or CPU_CACHE
     known = cache.get(key)
-    if known is None or known.path not in run:
+    if known is None or set(known.ms) != set(run):  # new, or measured among other candidates
         known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS)
         cache.put(key, known)
     return known.path

@@ -317,6 +317,31 @@ def test_one_prepacked_weight_per_input_shape_at_most_four():
         x = torch.randn(batch, 8, 6, 6).contiguous(memory_format=CL)
         with torch.no_grad():
             _assert_close(resnet_fast.nn.conv_bn_act(x, conv, bn), torch.relu(bn(conv(x))), 1e-4)
-    packed = fold.folded(conv, bn).packed
+    packed = [k for k in fold.folded(conv, bn).packed if k[0] == "cpp"]  # oneDNN's (ours: one per weight)
     assert len(packed) == conv_ops._MAX_PACKS_PER_WEIGHT
     assert sorted(k[-4] for k in packed) == [1, 3, 4, 5]  # oldest evicted first; batch 1 packed again
+
+
+@pytest.mark.parametrize("poison", [None, "input", "residual"])
+def test_onednn_adds_the_residual_in_place_where_allowed(monkeypatch, poison):
+    """In a forward with private activations, a oneDNN layer's output goes into its residual (oneDNN's
+    in-place binary op), NaN kept as torch keeps it; outside one, the residual is left alone."""
+    from resnet_fast.ops import layer_choice
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None: "onednn")
+    resnet_fast.set_backend("cpp")
+    conv, bn = torch.nn.Conv2d(32, 64, 1, bias=False).eval(), torch.nn.BatchNorm2d(64).eval()
+    x = torch.randn(2, 32, 5, 5).contiguous(memory_format=CL)
+    res = torch.randn(2, 64, 5, 5).contiguous(memory_format=CL)
+    if poison is not None:
+        {"input": x, "residual": res}[poison][1, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        expected = torch.relu(bn(conv(x)) + res)
+        held = res.clone()
+        out = resnet_fast.nn.conv_bn_act(x, conv, bn, held)
+        assert torch.equal(held.nan_to_num(), res.nan_to_num())  # not private: untouched
+        with ops.buffers.using(ops.Buffers()):
+            out = resnet_fast.nn.conv_bn_act(x, conv, bn, held)
+    assert out.data_ptr() == held.data_ptr()
+    assert torch.equal(out.isnan(), expected.isnan())
+    _assert_close(out.nan_to_num(), expected.nan_to_num(), 1e-5)

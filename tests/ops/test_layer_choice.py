@@ -1,4 +1,4 @@
-"""Per-layer path choice (Triton vs cuDNN on CUDA, oneDNN vs our 1x1 GEMM on CPU): the decision logic and
+"""Per-layer path choice (Triton vs cuDNN on CUDA, oneDNN vs our GEMM and Winograd kernels on CPU): the decision logic and
 its disk cache, with a fake timer (no GPU)."""
 
 import pytest
@@ -148,7 +148,7 @@ def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, mon
 
 def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
     cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
-    calls = {"onednn": 0, "gemm1x1": 0}
+    calls = {"onednn": 0, "gemm": 0}
 
     def path(name):
         def run():
@@ -156,13 +156,13 @@ def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
 
         return run
 
-    run = {"onednn": path("onednn"), "gemm1x1": path("gemm1x1")}
+    run = {"onednn": path("onednn"), "gemm": path("gemm")}
     key = layer_choice.conv_key(
         (8, 64, 56, 56), (256, 64, 1, 1), torch.float32, [1, 1], [0, 0], [1, 1], 1, False, "cpu"
     )
     chosen = layer_choice.choose_cpu(key, run, cache)
     per_path = 1 + layer_choice.CPU_ROUNDS * layer_choice.CPU_CALLS  # a warm-up call, then the samples
-    assert calls == {"onednn": per_path, "gemm1x1": per_path}
+    assert calls == {"onednn": per_path, "gemm": per_path}
     assert layer_choice.choose_cpu(key, run, cache) == chosen  # cached: not measured again
     assert calls["onednn"] == per_path
     assert (
@@ -170,12 +170,17 @@ def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
     )  # on disk
     # Equal medians go to the library kernel; one candidate is taken unmeasured.
     tie = layer_choice.measure(
-        {"gemm1x1": lambda: "gemm1x1", "onednn": lambda: "onednn"},
-        _fake_timer({"gemm1x1": 2.0, "onednn": 2.0}),
+        {"gemm": lambda: "gemm", "onednn": lambda: "onednn"},
+        _fake_timer({"gemm": 2.0, "onednn": 2.0}),
         "onednn",
     )
     assert tie.path == "onednn"
     assert layer_choice.choose_cpu("other", {"onednn": lambda: 1 / 0}, cache) == "onednn"
+    # A choice made among other candidates (an older version's) is measured again.
+    run["winograd"] = path("winograd")
+    calls["winograd"] = 0
+    layer_choice.choose_cpu(key, run, cache)
+    assert calls["winograd"] == per_path and set(cache.get(key).ms) == {"onednn", "gemm", "winograd"}
 
 
 def test_cpu_key_and_file_name_the_machine():

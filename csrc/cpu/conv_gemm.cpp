@@ -1,0 +1,461 @@
+// A convolution (groups 1) on channels_last float32 as one implicit GEMM with the epilogue in
+// registers: out[m, :] = act(sum over taps (kh, kw) of x[pixel(m, tap), :] @ W[:, :, kh, kw]^T + b
+// (+ residual[m, :])), where pixel(m, tap) is output pixel m's input pixel under that tap (a zero row
+// where the tap falls in the padding). A 1x1 convolution is the plain GEMM (one tap).
+//
+// Why our own: in ResNet-50 36 of 53 convolutions are 1x1, and oneDNN (as torch calls it) runs them
+// below what onnxruntime's MLAS reaches on the same CPU; its ReLU post-op also maps NaN to 0, so the
+// oneDNN route has to scan inputs for NaN first; and it cannot write into a buffer we pass, so every
+// call faults in fresh pages. Here the ReLU is max(0, v) with NaN kept (vmaxps returns its second
+// operand when either is NaN), no scan is needed, and the output goes where the caller says: a
+// buffer kept from the last forward, or the residual itself.
+//
+// Layout: the weight [Cout, Cin, KH, KW] is packed once into panels of 16 output channels,
+// [Cout/16][KH][KW][Cin][16]. The micro-kernel keeps a 6 x 16 tile of the output in 12 AVX
+// registers and walks K = taps x Cin in blocks of KC input channels (all taps of a block at once):
+// blocks before the last store raw sums, the last adds the bias and residual and applies the ReLU.
+// AVX2 + FMA only, chosen at run time; callers check conv_gemm_supported() and otherwise take the
+// oneDNN route.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "resnet_fast.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RF_HAVE_CONV_GEMM 1
+#else
+#define RF_HAVE_CONV_GEMM 0
+#endif
+
+namespace resnet_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t MR = 6;    // output rows (pixels) per micro-tile
+constexpr int64_t NR = 16;   // output channels per micro-tile (two 8-float registers)
+constexpr int64_t KC = 256;  // K block (input channels): a 16 KB B panel block per tap
+constexpr int64_t MT = 96;   // rows per task: 16 micro-tiles reuse each B panel block from L1
+
+bool cpu_has_avx2_fma() {
+#if RF_HAVE_CONV_GEMM
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if RF_HAVE_CONV_GEMM
+// One MR x NR tile over input channels [k0, k0 + kc) of every tap: a[t * MR + i] points at row i's
+// input pixel under tap t (channel 0), bp at the panel ([taps][cin][16]), c[i] at row i's output for
+// this panel. Rows past `rows` repeat the last valid row's pointers (loads stay in bounds) and are
+// not stored.
+__attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
+                                                   int64_t kc, const float* bp, float* const* c, int64_t rows,
+                                                   bool first, bool last, const float* bias, const float* const* res,
+                                                   bool relu) {
+  // The first K block starts from bias (+ residual), so the residual is read before any write to c:
+  // c may be the residual itself (in place); later blocks continue from c's partial sums.
+  __m256 acc[MR][2];
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : zero;
+  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : zero;
+#pragma GCC unroll 6
+  for (int64_t i = 0; i < MR; ++i) {
+    if (first) {
+      acc[i][0] = res ? _mm256_add_ps(bias0, _mm256_loadu_ps(res[i])) : bias0;
+      acc[i][1] = res ? _mm256_add_ps(bias1, _mm256_loadu_ps(res[i] + 8)) : bias1;
+    } else {
+      acc[i][0] = _mm256_loadu_ps(c[i]);
+      acc[i][1] = _mm256_loadu_ps(c[i] + 8);
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* const* at = a + t * MR;
+    const float *a0 = at[0] + k0, *a1 = at[1] + k0, *a2 = at[2] + k0, *a3 = at[3] + k0, *a4 = at[4] + k0,
+                *a5 = at[5] + k0;
+    const float* bt = bp + (t * cin + k0) * NR;
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m256 b0 = _mm256_load_ps(bt + k * NR);
+      const __m256 b1 = _mm256_load_ps(bt + k * NR + 8);
+      __m256 v = _mm256_broadcast_ss(a0 + k);
+      acc[0][0] = _mm256_fmadd_ps(v, b0, acc[0][0]);
+      acc[0][1] = _mm256_fmadd_ps(v, b1, acc[0][1]);
+      v = _mm256_broadcast_ss(a1 + k);
+      acc[1][0] = _mm256_fmadd_ps(v, b0, acc[1][0]);
+      acc[1][1] = _mm256_fmadd_ps(v, b1, acc[1][1]);
+      v = _mm256_broadcast_ss(a2 + k);
+      acc[2][0] = _mm256_fmadd_ps(v, b0, acc[2][0]);
+      acc[2][1] = _mm256_fmadd_ps(v, b1, acc[2][1]);
+      v = _mm256_broadcast_ss(a3 + k);
+      acc[3][0] = _mm256_fmadd_ps(v, b0, acc[3][0]);
+      acc[3][1] = _mm256_fmadd_ps(v, b1, acc[3][1]);
+      v = _mm256_broadcast_ss(a4 + k);
+      acc[4][0] = _mm256_fmadd_ps(v, b0, acc[4][0]);
+      acc[4][1] = _mm256_fmadd_ps(v, b1, acc[4][1]);
+      v = _mm256_broadcast_ss(a5 + k);
+      acc[5][0] = _mm256_fmadd_ps(v, b0, acc[5][0]);
+      acc[5][1] = _mm256_fmadd_ps(v, b1, acc[5][1]);
+    }
+  }
+  if (last && relu) {  // max(0, v): NaN in the second operand is returned, as torch.relu keeps it
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < MR; ++i) {
+      acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
+      acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int64_t i = 0; i < MR; ++i) {  // constant trip counts only: acc stays in registers
+    if (i < rows) {
+      _mm256_storeu_ps(c[i], acc[i][0]);
+      _mm256_storeu_ps(c[i] + 8, acc[i][1]);
+    }
+  }
+}
+#endif
+
+struct Geometry {
+  int64_t n, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cout;
+};
+
+// The checks both kernels share; kh, kw, cout as the packed weight says.
+Geometry check_args(const char* op, const at::Tensor& x, int64_t kh, int64_t kw, int64_t cout,
+                    const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& residual,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(conv_gemm_supported(), op, ": this CPU has no AVX2 + FMA (or this build no x86-64 kernel)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              op, ": expected a 4-D float32 CPU input, got ", x.scalar_type(), " on ", x.device(),
+              " with ", x.dim(), " dims");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 && stride[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1,
+              op, ": stride and dilation must be 2 values >= 1, padding 2 values >= 0");
+  Geometry g{x.size(0),  x.size(1),  x.size(2),   x.size(3),   kh,             kw,             stride[0], stride[1],
+             padding[0], padding[1], dilation[0], dilation[1], 0,              0,              cout};
+  g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.oh >= 1 && g.ow >= 1, op, ": input ", x.sizes(), " is smaller than the kernel");
+  if (b.has_value()) {
+    TORCH_CHECK(b->scalar_type() == at::kFloat && b->numel() == g.cout && b->is_contiguous() && b->device().is_cpu(),
+                op, ": b must be a contiguous float32 CPU tensor of ", g.cout, " values");
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
+                    residual->sizes() == at::IntArrayRef({g.n, g.cout, g.oh, g.ow}) &&
+                    residual->is_contiguous(at::MemoryFormat::ChannelsLast),
+                op, ": residual must be a channels_last float32 CPU tensor of the output's shape");
+  }
+  return g;
+}
+
+// Where a kernel writes: out when given (checked), else a fresh channels_last tensor.
+at::Tensor output_for(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual, const Geometry& g,
+                      const std::optional<at::Tensor>& out_) {
+  const auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out;
+  if (out_.has_value()) {
+    out = *out_;
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+                    out.sizes() == at::IntArrayRef({g.n, g.cout, g.oh, g.ow}) &&
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                op, ": out must be a channels_last float32 CPU tensor of the output's shape ",
+                at::IntArrayRef({g.n, g.cout, g.oh, g.ow}), ", got ", out.sizes());
+    // Each tile reads its residual rows before writing them, so out may be the residual itself; it
+    // may not share memory with x (read by every tile) or partly overlap the residual.
+    at::assert_no_overlap(out, x);
+    if (residual.has_value() && !out.is_same(*residual)) at::assert_no_overlap(out, *residual);
+  } else {
+    out = at::empty({g.n, g.cout, g.oh, g.ow}, options);
+  }
+  return out;
+}
+
+}  // namespace
+
+bool conv_gemm_supported() { return RF_HAVE_CONV_GEMM && cpu_has_avx2_fma(); }
+
+at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kFloat,
+              "pack_conv_gemm_weight: expected a float32 [Cout, Cin, KH, KW] weight, got ", w.sizes(), " ",
+              w.scalar_type());
+  TORCH_CHECK(w.size(0) % NR == 0, "pack_conv_gemm_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
+  // [Cout, Cin, KH, KW] -> [Cout/16, 16, Cin, KH, KW] -> [Cout/16, KH, KW, Cin, 16]
+  return w.reshape({w.size(0) / NR, NR, w.size(1), w.size(2), w.size(3)}).permute({0, 3, 4, 2, 1}).contiguous();
+}
+
+at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out_) {
+  const char* name = "conv_gemm_bias_act";
+  TORCH_CHECK(packed.dim() == 5 && packed.size(4) == NR && packed.size(3) == x.size(1) &&
+                  packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              name, ": weight not packed by pack_conv_gemm_weight for ", x.size(1), " input channels");
+  const Geometry g =
+      check_args(name, x, packed.size(1), packed.size(2), packed.size(0) * NR, b, residual, stride, padding, dilation);
+  at::Tensor out = output_for(name, x, residual, g, out_);
+#if RF_HAVE_CONV_GEMM
+  const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout;
+  const int64_t panels = packed.size(0), m_total = g.n * g.oh * g.ow;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = packed.const_data_ptr<float>();
+  const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
+  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  const bool padded = g.ph > 0 || g.pw > 0;
+  const std::vector<float> zeros(padded ? cin : 0, 0.f);  // the input row a tap in the padding reads
+  // Row m's input pixel under each tap (channels_last: a pixel's channels are contiguous), into
+  // dst[t * stride] for t in [0, taps): the divisions once per row, not per tap.
+  auto x_rows = [&](int64_t m, const float** dst, int64_t stride) {
+    const int64_t img = m / (g.oh * g.ow), rem = m % (g.oh * g.ow);
+    const int64_t y0 = (rem / g.ow) * g.sh - g.ph, x0 = (rem % g.ow) * g.sw - g.pw;
+    const float* image = xp + img * g.h * g.w * cin;
+    for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+      const int64_t iy = y0 + ky * g.dh;
+      for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+        const int64_t ix = x0 + kx * g.dw;
+        const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+        dst[t * stride] = inside ? image + (iy * g.w + ix) * cin : zeros.data();
+      }
+    }
+  };
+  // Tasks: row tiles, and when those are few (small images, large batches of channels) also groups
+  // of panels, so that every thread has work.
+  const int64_t tiles = (m_total + MT - 1) / MT;
+  const int64_t want = 8 * at::get_num_threads();
+  const int64_t groups = std::min(panels, std::max<int64_t>(1, (want + tiles - 1) / tiles));
+  const int64_t per_group = (panels + groups - 1) / groups;
+  at::parallel_for(0, tiles * groups, 1, [&](int64_t t0, int64_t t1) {
+    // Per micro-tile row block, the rows' input pixels per tap ([tap][row]), resolved once per task.
+    std::vector<const float*> rows_x(MT * taps);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t m0 = (task / groups) * MT, m1 = std::min(m_total, m0 + MT);
+      const int64_t p0 = (task % groups) * per_group, p1 = std::min(panels, p0 + per_group);
+      for (int64_t r = m0; r < m1; r += MR) {
+        const float** a = rows_x.data() + (r - m0) * taps;
+        for (int64_t i = 0; i < MR; ++i) x_rows(std::min(r + i, m1 - 1), a + i, MR);  // a[t * MR + i]
+      }
+      for (int64_t k0 = 0; k0 < cin; k0 += KC) {
+        const int64_t kc = std::min(KC, cin - k0);
+        // Rows outer (each micro-tile of A stays in L1 while its output rows are written left to
+        // right, residual read alike: streams the prefetcher follows) when this K block of the
+        // task's panels fits L2; else panels outer, each panel block reused from L1 down the rows.
+        const bool rows_outer = taps * kc * (p1 - p0) * NR * 4 <= 256 * 1024;
+        auto tile = [&](int64_t p, int64_t r) {
+          const int64_t rows = std::min(MR, m1 - r);
+          float* c[MR];
+          const float* res[MR];
+          for (int64_t i = 0; i < MR; ++i) {
+            const int64_t m = r + std::min(i, rows - 1);
+            c[i] = op + m * cout + p * NR;
+            res[i] = rp ? rp + m * cout + p * NR : nullptr;
+          }
+          micro_tile(rows_x.data() + (r - m0) * taps, taps, cin, k0, kc, wp + p * taps * cin * NR, c, rows, k0 == 0,
+                     k0 + kc >= cin, bp ? bp + p * NR : nullptr, rp ? res : nullptr, relu);
+        };
+        if (rows_outer) {
+          for (int64_t r = m0; r < m1; r += MR)
+            for (int64_t p = p0; p < p1; ++p) tile(p, r);
+        } else {
+          for (int64_t p = p0; p < p1; ++p)
+            for (int64_t r = m0; r < m1; r += MR) tile(p, r);
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+// ---- Winograd F(2x2, 3x3): 3x3 stride-1 convolutions with 2.25x fewer multiplications ----
+//
+// out tile (2x2) = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 input patch d (Lavin & Gray, 2015). Three
+// passes: the input transform writes V[16][tiles][Cin], sixteen GEMMs (the micro-kernel above, one
+// tap) give M[16][tiles][Cout] = V[pos] @ U[pos], and the output transform adds bias and residual and
+// applies the ReLU. The weights' transform U = G g G^T is done once, when packing.
+
+namespace {
+
+#if RF_HAVE_CONV_GEMM
+// V[pos][tile][c] for tiles [t0, t1): B^T d B per channel of each 4x4 patch (zeros outside the
+// image), 8 channels per step (cin is a multiple of 8).
+__attribute__((target("avx2,fma"))) void winograd_input(const float* x, float* v, const Geometry& g, int64_t tiles_h,
+                                                        int64_t tiles_w, int64_t t0, int64_t t1, int64_t tiles) {
+  const int64_t cin = g.cin;
+  const std::vector<float> zeros(cin, 0.f);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
+    const float* d[4][4];  // the patch's pixels (a zero row outside the image)
+    for (int64_t r = 0; r < 4; ++r) {
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t iy = 2 * ty - g.ph + r, ix = 2 * tx - g.pw + q;
+        const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+        d[r][q] = inside ? x + ((img * g.h + iy) * g.w + ix) * cin : zeros.data();
+      }
+    }
+    float* o = v + t * cin;
+    const int64_t pos_stride = tiles * cin;
+    for (int64_t c = 0; c < cin; c += 8) {
+      __m256 s[4][4];  // B^T d: rows
+      for (int64_t q = 0; q < 4; ++q) {
+        const __m256 d0 = _mm256_loadu_ps(d[0][q] + c), d1 = _mm256_loadu_ps(d[1][q] + c),
+                     d2 = _mm256_loadu_ps(d[2][q] + c), d3 = _mm256_loadu_ps(d[3][q] + c);
+        s[0][q] = _mm256_sub_ps(d0, d2);
+        s[1][q] = _mm256_add_ps(d1, d2);
+        s[2][q] = _mm256_sub_ps(d2, d1);
+        s[3][q] = _mm256_sub_ps(d1, d3);
+      }
+      for (int64_t r = 0; r < 4; ++r) {  // (B^T d) B: columns
+        _mm256_storeu_ps(o + (r * 4 + 0) * pos_stride + c, _mm256_sub_ps(s[r][0], s[r][2]));
+        _mm256_storeu_ps(o + (r * 4 + 1) * pos_stride + c, _mm256_add_ps(s[r][1], s[r][2]));
+        _mm256_storeu_ps(o + (r * 4 + 2) * pos_stride + c, _mm256_sub_ps(s[r][2], s[r][1]));
+        _mm256_storeu_ps(o + (r * 4 + 3) * pos_stride + c, _mm256_sub_ps(s[r][1], s[r][3]));
+      }
+    }
+  }
+}
+
+// act(A^T m A + b (+ residual)) for tiles [t0, t1), written where the 2x2 tile lies inside the
+// output, 8 channels per step (cout is a multiple of 16).
+__attribute__((target("avx2,fma"))) void winograd_output(const float* m, float* out, const float* bias,
+                                                         const float* res, bool relu, const Geometry& g,
+                                                         int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
+                                                         int64_t tiles) {
+  const int64_t cout = g.cout, pos_stride = tiles * cout;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
+    const float* mt = m + t * cout;
+    int64_t off[2][2];
+    bool inside[2][2];
+    for (int64_t i = 0; i < 2; ++i) {
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+        inside[i][j] = oy < g.oh && ox < g.ow;
+        off[i][j] = ((img * g.oh + std::min(oy, g.oh - 1)) * g.ow + std::min(ox, g.ow - 1)) * cout;
+      }
+    }
+    for (int64_t c = 0; c < cout; c += 8) {
+      __m256 s[2][4];  // A^T m: rows
+      for (int64_t q = 0; q < 4; ++q) {
+        const __m256 m0 = _mm256_loadu_ps(mt + (0 * 4 + q) * pos_stride + c),
+                     m1 = _mm256_loadu_ps(mt + (1 * 4 + q) * pos_stride + c),
+                     m2 = _mm256_loadu_ps(mt + (2 * 4 + q) * pos_stride + c),
+                     m3 = _mm256_loadu_ps(mt + (3 * 4 + q) * pos_stride + c);
+        s[0][q] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+        s[1][q] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      }
+      const __m256 b = bias ? _mm256_loadu_ps(bias + c) : zero;
+      for (int64_t i = 0; i < 2; ++i) {  // (A^T m) A: columns
+        __m256 y[2] = {_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), b),
+                       _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), b)};
+        for (int64_t j = 0; j < 2; ++j) {
+          if (!inside[i][j]) continue;
+          if (res) y[j] = _mm256_add_ps(y[j], _mm256_loadu_ps(res + off[i][j] + c));
+          if (relu) y[j] = _mm256_max_ps(zero, y[j]);  // NaN kept, as in micro_tile
+          _mm256_storeu_ps(out + off[i][j] + c, y[j]);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding) {
+  TORCH_CHECK(x_shape.size() == 4 && padding.size() == 2, "winograd_workspace_size: expected a 4-D input shape");
+  const int64_t oh = x_shape[2] + 2 * padding[0] - 2, ow = x_shape[3] + 2 * padding[1] - 2;
+  const int64_t tiles = x_shape[0] * ((oh + 1) / 2) * ((ow + 1) / 2);
+  return 16 * tiles * (x_shape[1] + cout);  // V [16][tiles][Cin], then M [16][tiles][Cout]
+}
+
+at::Tensor pack_winograd_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
+              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] weight, got ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
+  // U = G g G^T per (cout, cin), in float64 so the transform adds no rounding of its own.
+  const auto G = at::tensor({1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0}, at::kDouble).reshape({4, 3});
+  const auto u = at::matmul(at::matmul(G, w.to(at::kDouble)), G.t());  // [Cout, Cin, 4, 4]
+  const int64_t cout = w.size(0), cin = w.size(1);
+  // [Cout, Cin, 4, 4] -> [16, Cout/16, Cin, 16]: per position, the conv_gemm panels of a 1x1 weight.
+  return u.reshape({cout / NR, NR, cin, 16}).permute({3, 0, 2, 1}).contiguous().to(at::kFloat);
+}
+
+at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
+                                  const std::optional<at::Tensor>& out_, const std::optional<at::Tensor>& workspace) {
+  const char* name = "conv_winograd_bias_act";
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 16 && packed.size(3) == NR && packed.size(2) == x.size(1) &&
+                  packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");
+  TORCH_CHECK(x.size(1) % 8 == 0, name, ": input channels must be a multiple of 8, got ", x.size(1));
+  const Geometry g = check_args(name, x, 3, 3, packed.size(1) * NR, b, residual, {1, 1}, padding, {1, 1});
+  at::Tensor out = output_for(name, x, residual, g, out_);
+#if RF_HAVE_CONV_GEMM
+  const int64_t tiles_h = (g.oh + 1) / 2, tiles_w = (g.ow + 1) / 2, tiles = g.n * tiles_h * tiles_w;
+  const int64_t cin = g.cin, cout = g.cout, panels = cout / NR;
+  // V and M: in the caller's workspace when given (kept warm between calls), else fresh.
+  const int64_t need = winograd_workspace_size(x.sizes(), cout, padding);
+  at::Tensor space;
+  if (workspace.has_value()) {
+    space = *workspace;
+    TORCH_CHECK(space.scalar_type() == at::kFloat && space.device().is_cpu() && space.is_contiguous() &&
+                    space.numel() >= need,
+                name, ": workspace must be a contiguous float32 CPU tensor of at least ", need, " elements");
+    at::assert_no_overlap(space, x);
+    at::assert_no_overlap(space, out);
+  } else {
+    space = at::empty({need}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const float* xp = x.const_data_ptr<float>();
+  float* vp = space.mutable_data_ptr<float>();
+  float* mp = vp + 16 * tiles * cin;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { winograd_input(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
+  const float* up = packed.const_data_ptr<float>();
+  const int64_t row_tiles = (tiles + MT - 1) / MT;
+  at::parallel_for(0, 16 * row_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * MT, m1 = std::min(tiles, m0 + MT);
+      const float* a_base = vp + pos * tiles * cin;
+      float* c_base = mp + pos * tiles * cout;
+      for (int64_t k0 = 0; k0 < cin; k0 += KC) {
+        const int64_t kc = std::min(KC, cin - k0);
+        for (int64_t r = m0; r < m1; r += MR) {
+          const int64_t rows = std::min(MR, m1 - r);
+          const float* a[MR];
+          float* c[MR];
+          for (int64_t i = 0; i < MR; ++i) {
+            const int64_t row = r + std::min(i, rows - 1);
+            a[i] = a_base + row * cin;
+            c[i] = c_base + row * cout;
+          }
+          for (int64_t p = 0; p < panels; ++p) {
+            float* cp[MR];
+            for (int64_t i = 0; i < MR; ++i) cp[i] = c[i] + p * NR;
+            micro_tile(a, 1, cin, k0, kc, up + (pos * panels + p) * cin * NR, cp, rows, k0 == 0, k0 + kc >= cin,
+                       nullptr, nullptr, false);
+          }
+        }
+      }
+    }
+  });
+  const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
+  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, tiles, 16,
+                   [&](int64_t t0, int64_t t1) { winograd_output(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles); });
+#endif
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace resnet_fast

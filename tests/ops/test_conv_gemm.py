@@ -1,0 +1,417 @@
+"""resnet_fast._C's own CPU convolutions against a float64 reference: the implicit GEMM
+(conv_gemm_bias_act, any kernel size, stride, padding, dilation) and Winograd F(2x2, 3x3)
+(conv_winograd_bias_act); their NaN/Inf behaviour against torch's, writing into a given tensor
+(the residual itself, a kept buffer), their argument errors, and the CPU plan taking them where
+layer_choice picks them, with the model's buffers kept from one forward to the next.
+
+Tolerance (fp32): 1e-5 of the output's magnitude, compared with a float64 convolution of the same
+fp32 inputs. The GEMM accumulates in fp32 over K = KH*KW*Cin <= 2,700 terms of unit scale: random
+rounding errors give ~sqrt(K) * 2^-24 ~ 3e-6 relative to the magnitude. Winograd adds its transforms:
+sums of at most 4 terms with coefficients 1 (input, output) and 1/2 (weights, done in float64), so a
+few more roundings per output; measured here at 3e-7 to 8e-7, below torch's own fp32 conv (7e-7 to 3e-6).
+"""
+
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fast
+from resnet_fast import _ext
+from resnet_fast.nn import fused
+from resnet_fast.ops import layer_choice
+
+_C = _ext.load()
+pytestmark = pytest.mark.skipif(
+    _C is None or not _C.conv_gemm_supported(),
+    reason="needs resnet_fast._C on an x86-64 CPU with AVX2 + FMA (the GEMM and Winograd kernels' ISA)",
+)
+CL = torch.channels_last
+
+# (batch, cin, cout, h, w, kernel, stride, padding, dilation): rows not a multiple of the 6-row tile,
+# one tile or many, K below and above the 256-wide K block, one 16-channel panel or many (panel groups
+# when rows are few), padding wider than the kernel's reach, the stem's 7x7 stride 2.
+GEMM_SHAPES = [
+    (2, 8, 16, 5, 5, 1, 1, 0, 1),
+    (3, 37, 32, 7, 6, 1, 2, 0, 1),
+    (4, 600, 256, 7, 7, 1, 1, 0, 1),
+    (2, 16, 128, 14, 13, 1, 1, 0, 1),
+    (2, 64, 64, 9, 9, 3, 1, 1, 1),
+    (2, 300, 48, 6, 5, 3, 2, 1, 1),
+    (1, 24, 32, 7, 7, 3, 1, 2, 2),
+    (2, 3, 64, 20, 22, 7, 2, 3, 1),
+]
+# (batch, cin, cout, h, w, padding): odd output sizes (partial 2x2 tiles), K above the K block.
+WINOGRAD_SHAPES = [
+    (2, 64, 64, 9, 9, 1),
+    (1, 16, 16, 3, 3, 1),
+    (2, 296, 32, 5, 7, 0),
+    (1, 512, 48, 7, 7, 1),
+]
+
+
+def _case(batch, cin, cout, h, w, k, stride, padding, dilation, residual):
+    x = torch.randn(batch, cin, h, w).contiguous(memory_format=CL)
+    weight = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5
+    bias = torch.randn(cout)
+    oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    res = torch.randn(batch, cout, oh, ow).contiguous(memory_format=CL) if residual else None
+    return x, weight, bias, res
+
+
+def _reference(x, weight, bias, res, relu, stride, padding, dilation):
+    out = F.conv2d(
+        x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation
+    )
+    if res is not None:
+        out = out + res.double()
+    return torch.relu(out) if relu else out
+
+
+def _close(out, expected):
+    assert out.is_contiguous(memory_format=CL) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def _cl_view(memory, offset, shape):
+    """A channels_last [N, C, H, W] tensor at `offset` floats into memory (a tensor or a storage)."""
+    n, c, h, w = shape
+    base = memory if isinstance(memory, torch.Tensor) else torch.tensor([], dtype=torch.float32).set_(memory)
+    return base[offset : offset + n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _gemm(x, weight, bias, res, relu, s, p, d, out=None):
+    return _C.conv_gemm_bias_act(
+        x, _C.pack_conv_gemm_weight(weight), bias, res, relu, [s, s], [p, p], [d, d], out
+    )
+
+
+def _winograd(x, weight, bias, res, relu, p, out=None, workspace=None):
+    return _C.conv_winograd_bias_act(
+        x, _C.pack_winograd_weight(weight), bias, res, relu, [p, p], out, workspace
+    )
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_gemm_matches_float64_reference(shape, residual, relu):
+    x, weight, bias, res = _case(*shape, residual)
+    s, p, d = shape[-3:]
+    _close(_gemm(x, weight, bias, res, relu, s, p, d), _reference(x, weight, bias, res, relu, s, p, d))
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_winograd_matches_float64_reference(shape, residual, relu):
+    batch, cin, cout, h, w, p = shape
+    x, weight, bias, res = _case(batch, cin, cout, h, w, 3, 1, p, 1, residual)
+    _close(_winograd(x, weight, bias, res, relu, p), _reference(x, weight, bias, res, relu, 1, p, 1))
+
+
+def test_without_bias():
+    x, weight, _, _ = _case(2, 24, 32, 6, 6, 3, 1, 1, 1, False)
+    expected = _reference(x, weight, None, None, True, 1, 1, 1)
+    _close(_gemm(x, weight, None, None, True, 1, 1, 1), expected)
+    _close(_winograd(x, weight, None, None, True, 1), expected)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["input", "residual"])
+def test_gemm_puts_nan_and_inf_where_torch_does(value, where):
+    """The ReLU keeps NaN (torch.relu does; oneDNN's ReLU post-op would give 0), -Inf becomes 0. (A
+    non-finite weight never reaches the kernel: see test_only_fitting_layers_are_candidates.)"""
+    x, weight, bias, res = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True)
+    {"input": x, "residual": res}[where][1, 5, 2, 2] = value
+    out = _gemm(x, weight, bias, res, True, 1, 1, 1)
+    expected = torch.relu(F.conv2d(x, weight, bias, 1, 1) + res)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["input", "residual"])
+def test_winograd_layer_puts_nan_and_inf_where_torch_does(_always_ours, value, where):
+    """Winograd's transforms would spread one non-finite input over its 4x4 patch: the layer's plan
+    scans its input and runs oneDNN's path for that call instead; a residual is added after them."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).eval()
+    bn = torch.nn.BatchNorm2d(32).eval()
+    x, _, _, res = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True)
+    with torch.no_grad():
+        resnet_fast.nn.conv_bn_act(x, conv, bn, res)  # the plan, on finite inputs
+        assert _always_ours == ["winograd"]
+        {"input": x, "residual": res}[where][1, 5, 2, 2] = value
+        out = resnet_fast.nn.conv_bn_act(x, conv, bn, res)
+        expected = torch.relu(bn(conv(x)) + res)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["gemm", "winograd"])
+@pytest.mark.parametrize("cin", [32, 600])  # one K block, three
+def test_writes_into_the_residual_or_a_given_buffer(kernel, cin):
+    x, weight, bias, res = _case(2, cin, 48, 6, 6, 3, 1, 1, 1, True)
+
+    def run(res, out=None):
+        if kernel == "gemm":
+            return _gemm(x, weight, bias, res, True, 1, 1, 1, out)
+        return _winograd(x, weight, bias, res, True, 1, out)
+
+    expected = run(res.clone())
+    buffer = torch.full_like(res, float("nan"))
+    assert run(res, buffer).data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+    out = run(res, res)  # in place
+    assert out.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # A buffer sharing memory with the input, or partly with the residual, is refused.
+    base = torch.empty(2 * res.numel())
+    shifted = _cl_view(base, 16, res.shape)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        run(_cl_view(base, 0, res.shape).copy_(res), shifted)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        packed_x = _cl_view(torch.empty(x.numel() + res.numel()), 0, x.shape).copy_(x)
+        out = _cl_view(packed_x.untyped_storage(), 8, res.shape)
+        if kernel == "gemm":
+            _C.conv_gemm_bias_act(
+                packed_x, _C.pack_conv_gemm_weight(weight), bias, None, True, [1, 1], [1, 1], [1, 1], out
+            )
+        else:
+            _C.conv_winograd_bias_act(
+                packed_x, _C.pack_winograd_weight(weight), bias, None, True, [1, 1], out
+            )
+    with pytest.raises(RuntimeError, match="out must be"):
+        run(None, torch.empty(2, 48, 5, 5).contiguous(memory_format=CL))
+
+
+def test_winograd_workspace():
+    x, weight, bias, _ = _case(2, 64, 32, 9, 9, 3, 1, 1, 1, False)
+    need = _C.winograd_workspace_size(list(x.shape), 32, [1, 1])
+    assert need == 16 * 2 * 5 * 5 * (64 + 32)
+    expected = _winograd(x, weight, bias, None, True, 1)
+    torch.testing.assert_close(
+        _winograd(x, weight, bias, None, True, 1, workspace=torch.empty(need)), expected
+    )
+    with pytest.raises(RuntimeError, match="workspace"):
+        _winograd(x, weight, bias, None, True, 1, workspace=torch.empty(need - 1))
+
+
+def test_clear_errors():
+    x, weight, bias, _ = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, False)
+    packed = _C.pack_conv_gemm_weight(weight)
+    geometry = ([1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="channels_last"):
+        _C.conv_gemm_bias_act(x.contiguous(), packed, bias, None, True, *geometry)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.conv_gemm_bias_act(x.double(), packed, bias, None, True, *geometry)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        _C.pack_conv_gemm_weight(torch.randn(24, 32, 1, 1))
+    with pytest.raises(RuntimeError, match="not packed"):
+        _C.conv_gemm_bias_act(
+            x, _C.pack_conv_gemm_weight(torch.randn(32, 16, 3, 3)), bias, None, True, *geometry
+        )
+    with pytest.raises(RuntimeError, match="residual"):
+        _C.conv_gemm_bias_act(
+            x, packed, bias, torch.randn(2, 32, 4, 4).contiguous(memory_format=CL), True, *geometry
+        )
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        _C.conv_gemm_bias_act(x, packed, bias, None, True, [1, 1], [0, 0], [3, 3])
+    with pytest.raises(RuntimeError, match="3, 3"):
+        _C.pack_winograd_weight(torch.randn(32, 32, 1, 1))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        _winograd(
+            torch.randn(1, 12, 5, 5).contiguous(memory_format=CL),
+            torch.randn(16, 12, 3, 3),
+            None,
+            None,
+            True,
+            1,
+        )
+
+
+@pytest.fixture
+def _always_ours(monkeypatch):
+    """The CPU plan as if layer_choice had measured our kernel faster wherever one runs the layer;
+    returns the paths taken, one per plan made."""
+    taken = []
+
+    def choose(key, run, cache=None):
+        path = next((p for p in ("winograd", "gemm") if p in run), "onednn")
+        taken.append(path)
+        return path
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", choose)
+    resnet_fast.set_backend("cpp")
+    return taken
+
+
+def _resnet50_pair():
+    theirs = torchvision.models.resnet50(num_classes=10).eval()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return resnet_fast.from_torchvision(theirs).eval(), theirs
+
+
+def _assert_matches(out, expected):
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_model_runs_every_layer_on_our_kernels(_always_ours):
+    ours, theirs = _resnet50_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        out = ours(x)
+        again = ours(x.contiguous(memory_format=CL))  # same shape, other layout: the plan converts
+    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
+    winograd = [c for c in convs if c.kernel_size == (3, 3) and c.stride == (1, 1)]
+    assert _always_ours.count("winograd") == len(winograd) == 13
+    assert _always_ours.count("gemm") == len(convs) - len(winograd)  # 1x1s, the stem, 3x3 stride 2
+    _assert_matches(out, expected)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_only_fitting_layers_are_candidates(_always_ours):
+    conv = torch.nn.Conv2d(32, 24, 1, bias=False).eval()  # 24 output channels: not a multiple of 16
+    bn = torch.nn.BatchNorm2d(24).eval()
+    x = torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        resnet_fast.nn.conv_bn_act(x, conv, bn)
+        resnet_fast.nn.conv_bn_act(x.double(), conv.double(), bn.double())  # float64: oneDNN/aten only
+        grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=2, bias=False).eval()
+        resnet_fast.nn.conv_bn_act(x, grouped, torch.nn.BatchNorm2d(32).eval())
+        # A NaN weight: torch skips the padding where the GEMM would multiply it by zero.
+        broken = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).eval()
+        broken.weight[1, 5, 2, 2] = float("nan")
+        out = resnet_fast.nn.conv_bn_act(x, broken, torch.nn.BatchNorm2d(32).eval())
+        assert torch.equal(out.isnan(), torch.relu(F.conv2d(x, broken.weight, None, 1, 1)).isnan())
+    assert _always_ours == []
+
+
+def test_info_names_the_candidates():
+    assert resnet_fast.info()["cpp conv route"]["cpu float32 own kernels"].startswith(
+        "oneDNN, the implicit GEMM"
+    )
+
+
+def _in_place_plans(model) -> int:
+    plans = [
+        k
+        for m in model.modules()
+        if "_resnet_fast_fold" in m.__dict__
+        for k in m._resnet_fast_fold.entry.runners
+    ]
+    return sum(1 for key in plans if key[-1])  # the plan key's last field: residual written in place
+
+
+def test_residual_added_in_place_only_where_no_one_else_sees_it(_always_ours):
+    """In the model's own forward (no grad, no hooks) each block's last conv writes into its residual;
+    a block called directly, or a model with a hook, leaves every tensor the caller holds untouched."""
+    ours, theirs = _resnet50_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        _assert_matches(ours(x), expected)
+        assert _in_place_plans(ours) == 16  # the last conv of each of ResNet-50's 16 blocks
+        held = torch.randn(2, 256, 16, 16).contiguous(memory_format=CL)
+        before = held.clone()
+        ours.layer1[1](held)  # outside the model's forward: not private
+        assert torch.equal(held, before)
+        seen = []
+        hook = ours.layer1[0].register_forward_hook(lambda m, args, out: seen.append((out, out.clone())))
+        _assert_matches(ours(x), expected)
+        hook.remove()
+        out, copy = seen[0]
+        assert torch.equal(out, copy)  # layer1[1] did not write into the output the hook kept
+
+
+def test_a_hooked_max_pool_keeps_its_output(_always_ours):
+    """ResNet-18's first block has no downsample: its residual is the max pool's output."""
+    theirs = torchvision.models.resnet18(num_classes=10).eval()
+    ours = resnet_fast.from_torchvision(theirs).eval()
+    seen = []
+    ours.maxpool.register_forward_hook(lambda m, args, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        ours(torch.randn(2, 3, 64, 64))
+        assert not ours._activations_private()
+    out, copy = seen[0]
+    assert torch.equal(out, copy)
+
+
+def test_buffers_are_kept_between_forwards(_always_ours):
+    """Warm forwards write into the buffers of the last one: no fresh pages, the same memory, the same
+    numbers; a new input shape drops them; release_buffers frees them."""
+    ours, theirs = _resnet50_pair()
+    x = torch.randn(4, 3, 96, 96)
+    with torch.no_grad():
+        expected = theirs(x)
+        first = ours(x)
+        ours(x)
+        held = fused._IDLE_BUFFERS[ours][0].nbytes()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        again = ours(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        assert fused._IDLE_BUFFERS[ours][0].nbytes() == held > 0  # nothing new allocated
+        # The layers' outputs alone would fault in `held` bytes (4 KiB pages) if they were fresh.
+        assert faults < 0.1 * held / 4096
+        _assert_matches(first, expected)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        small = torch.randn(1, 3, 64, 64)
+        _assert_matches(ours(small), theirs(small))
+        assert fused._IDLE_BUFFERS[ours][0].nbytes() < held  # the old shape's buffers were dropped
+        assert fused.release_buffers(ours) > 0 and ours not in fused._IDLE_BUFFERS
+
+
+def test_a_buffer_someone_holds_is_not_reused():
+    buffers = resnet_fast.ops.Buffers()
+    like = torch.empty(0)
+    a = buffers.output([2, 16, 4, 4], like)
+    assert a.is_contiguous(memory_format=CL)
+    b = buffers.output([2, 16, 4, 4], like)  # a is held here
+    assert b.data_ptr() != a.data_ptr()
+    view = a[:1]
+    del a
+    c = buffers.output([2, 16, 4, 4], like)  # a's memory is held by the view
+    assert c.data_ptr() not in (view.data_ptr(), b.data_ptr())
+    ptr = view.data_ptr()
+    del view, c
+    assert buffers.output([2, 16, 4, 4], like).data_ptr() == ptr  # free again: reused
+
+
+def test_concurrent_forwards_use_their_own_buffers(_always_ours):
+    import threading
+
+    ours, theirs = _resnet50_pair()
+    xs = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    with torch.no_grad():
+        expected = [theirs(x) for x in xs]
+        ours(xs[0])
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = ours(xs[i])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        _assert_matches(results[i], expected[i])
