@@ -159,7 +159,7 @@ def max_pool2d(pool: nn.Module, x: Tensor) -> Tensor:
 
 def _into_buffer(pool: nn.MaxPool2d, x: Tensor) -> bool:
     """Where resnet_fast._C's max pool runs it: CPU on the cpp backend, channels_last, no gradient, no
-    dilation, floor mode, padding at most half the kernel (as torch requires)."""
+    dilation, floor mode (the kernel refuses padding over half the kernel, as torch does)."""
     return (
         x.device.type == "cpu"
         and backend_for(x.device) == "cpp"

@@ -174,12 +174,12 @@ def test_writes_into_the_residual_or_a_given_buffer(kernel, cin):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # A buffer sharing memory with the input, or partly with the residual, is refused.
     base = torch.empty(2 * res.numel())
-    shifted = _cl_view(base, 16, res.shape)
+    residual, shifted = _cl_view(base, 0, res.shape).copy_(res), _cl_view(base, 16, res.shape)
     with pytest.raises(RuntimeError, match="single memory location"):
-        run(_cl_view(base, 0, res.shape).copy_(res), shifted)
+        run(residual, shifted)
+    packed_x = _cl_view(torch.empty(x.numel() + res.numel()), 0, x.shape).copy_(x)
+    out = _cl_view(packed_x.untyped_storage(), 8, res.shape)  # shares memory with the input
     with pytest.raises(RuntimeError, match="single memory location"):
-        packed_x = _cl_view(torch.empty(x.numel() + res.numel()), 0, x.shape).copy_(x)
-        out = _cl_view(packed_x.untyped_storage(), 8, res.shape)
         if kernel == "gemm":
             _C.conv_gemm_bias_act(
                 packed_x, _C.pack_conv_gemm_weight(weight), bias, None, True, [1, 1], [1, 1], [1, 1], out
