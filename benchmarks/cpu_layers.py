@@ -4,8 +4,9 @@ for this table wherever a CPU target is missed.
 
     python benchmarks/cpu_layers.py [--batch 8] [--size 224] [--rounds 5] [--json PATH]
 
-Each round runs, one after the other: our forward (its wall time), onnxruntime's profiled run of the
-exported torchvision model (intra-op threads = torch's; its wall time and per-node times), and our
+Each round runs, one after the other: onnxruntime's profiled run of the exported torchvision model
+(intra-op threads = torch's; its wall time and per-node times), our forward twice (the second one's
+wall time: onnxruntime's threads spin on after its run and slow whatever comes next), and our
 forward on a second copy whose conv plans (ops.conv_runner, whichever path layer_choice picked:
 oneDNN, the GEMM or Winograd) are wrapped in perf_counter pairs. Medians over `rounds` after two warm-ups;
 our forward's wall time minus its layers' sum is what runs outside the convolutions. Both models
@@ -43,7 +44,7 @@ def _timed_plans(model: torch.nn.Module, samples: dict, paths: dict) -> list:
         if cache is None:
             continue
         for key, run in list(cache.entry.runners.items()):
-            paths[name] = getattr(run, "__name__", "?")  # "onednn", "gemm" or "winograd" on the cpp backend
+            paths[name] = getattr(run, "__name__", "?")  # "onednn", "gemm", "gemm_rows" or "winograd" (cpp backend)
 
             def timed(x, residual, buffers=None, run=run, name=name):
                 start = time.perf_counter()
@@ -82,7 +83,7 @@ def _ort_nodes(events: list, rounds: int) -> dict[str, dict]:
 
 
 def _measure(x: torch.Tensor, rounds: int) -> tuple[list[dict], dict[str, dict], dict[str, float]]:
-    """Rounds alternate: our forward unwrapped, onnxruntime's run, our forward with timed layers."""
+    """Rounds run onnxruntime's profiled run, our forward twice, then our forward with timed layers."""
     ours, _ = _models(torch.float32)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     feed = {"x": x.numpy()}
@@ -105,8 +106,9 @@ def _measure(x: torch.Tensor, rounds: int) -> tuple[list[dict], dict[str, dict],
         timed_model(x_cl)
         wrapped = _timed_plans(timed_model, samples, paths)
         for _ in range(rounds):
-            wall("ours", lambda: ours(x_cl))
             wall("onnxruntime", lambda: session.run(None, feed))
+            ours(x_cl)  # untimed: onnxruntime's threads spin on after its run and would slow it
+            wall("ours", lambda: ours(x_cl))
             timed_model(x_cl)
         for entry, key, run in wrapped:
             entry.runners[key] = run

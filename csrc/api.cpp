@@ -363,8 +363,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_conv_gemm_weight", &resnet_fast::cpu::pack_conv_gemm_weight,
         "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act", py::arg("w"));
   m.def("conv_gemm_bias_act", &resnet_fast::cpu::conv_gemm_bias_act,
-        "act(conv2d(x, w) + b (+ residual)) on channels_last float32 (groups 1), one implicit GEMM with the "
-        "epilogue fused; written into out when given (out may be the residual itself)",
+        "act(conv2d(x, w) + b (+ residual)) on float32 with contiguous channels (channels_last, or any view whose "
+        "pixels are read through its strides; groups 1), one implicit GEMM with the epilogue fused; written into out "
+        "when given (out may be the residual itself)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("out") = py::none());
   m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,

@@ -3,7 +3,11 @@ argument checks, interleaved timing with medians, peak memory, and a description
 
 Timing method: every contender runs in the same process; a round calls each contender once, in an
 order rotated from round to round (so none always runs right after another's cache-trashing call);
-the figure is the median over rounds. GPU work is synchronized before each clock read.
+the figure is the median over rounds. GPU work is synchronized before each clock read. Comparisons
+against other libraries on the CPU time each call right after an untimed call of the same contender
+(`after_itself`): onnxruntime's worker threads spin on after a run (5 ticks = 50 ms of CPU time in the
+0.5 s after one ResNet-50 batch-8 run, none after ours; Zen 3, 2 cores), which slowed the forward that
+came next by 9% — a cost a server running one engine never pays.
 """
 
 from __future__ import annotations
@@ -118,12 +122,16 @@ def interleaved(
     rounds: int,
     device: torch.device,
     on_call: Callable[[str], None] | None = None,
+    after_itself: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn over `rounds` rounds; each round calls every fn once, order rotated."""
+    """Seconds per call of each fn over `rounds` rounds; each round calls every fn once, order rotated.
+    With `after_itself`, each timed call follows an untimed call of the same fn (see the module docstring)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if after_itself:
+                fns[name]()
             times[name].append(timed(fns[name], device))
             if on_call is not None:
                 on_call(name)

@@ -242,7 +242,12 @@ def run(args: argparse.Namespace) -> dict:
             "backend": backend,
             "fused_ops": machine["fused_ops"],
             "contenders": {n: CONTENDERS[n] for n in names},
-            "timing": "one process, rounds interleaved (order rotated), median over rounds",
+            "timing": "one process, rounds interleaved (order rotated), median over rounds"
+            + (
+                "; each timed call after an untimed one of the same contender"
+                if any(n in PEERS for n in names)
+                else ""
+            ),
             "warmup_s": "building the contender (export/conversion for peers) + the warm-up iterations, "
             "compilation included",
             "peak_memory": _timing.MEMORY_METHOD[device.type],
@@ -291,7 +296,11 @@ def _measure(
         warmup_s[name] = time.perf_counter() - start
     names = list(steps)
     bar.set_postfix_str(f"batch {s.batch_size}: timing")
-    times = _timing.interleaved(steps, args.iters, s.device, on_call=lambda _: bar.update())
+    # Another library's threads spinning after its call would be charged to the next contender.
+    peers = any(name in PEERS for name in names)
+    times = _timing.interleaved(
+        steps, args.iters, s.device, on_call=lambda _: bar.update(), after_itself=peers
+    )
     rows = []
     for name in names:
         stats = _timing.summarize(times[name])

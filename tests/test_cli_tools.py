@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import resnet_fast
-from resnet_fast import bench, cli
+from resnet_fast import _timing, bench, cli
 from resnet_fast import validate as validate_mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +169,21 @@ def test_bench_peers(capsys, tmp_path):
     argv = [*SMALL_BENCH, "--batch-size", "1", "--contenders", "torchvision,onnxruntime,openvino"]
     rc, _, _ = run_cli(capsys, *argv, "--json", str(path))
     assert rc == 0
-    rows = {r["contender"]: r for r in json.loads(path.read_text())["results"]}
+    doc = json.loads(path.read_text())
+    rows = {r["contender"]: r for r in doc["results"]}
     assert rows["onnxruntime"]["peak_memory_bytes"] is None and rows["openvino"]["img_per_s"] > 0
+    assert "after an untimed one of the same contender" in doc["settings"]["timing"]
+
+
+def test_interleaved_timing_after_itself():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    times = _timing.interleaved(fns, 2, torch.device("cpu"), after_itself=True)
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]  # order rotated, each call twice in a row
+    assert [len(t) for t in times.values()] == [2, 2]
+    calls.clear()
+    _timing.interleaved(fns, 2, torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a"]
 
 
 # --- validate -------------------------------------------------------------------------------------

@@ -123,6 +123,12 @@ __attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64
 }
 #endif
 
+// Rows per task: at most MT, evened out over the tasks (a multiple of MR).
+int64_t even_rows(int64_t m_total) {
+  const int64_t tiles = (m_total + MT - 1) / MT;
+  return ((m_total + tiles - 1) / tiles + MR - 1) / MR * MR;
+}
+
 struct Geometry {
   int64_t n, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cout;
 };
@@ -135,7 +141,9 @@ Geometry check_args(const char* op, const at::Tensor& x, int64_t kh, int64_t kw,
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               op, ": expected a 4-D float32 CPU input, got ", x.scalar_type(), " on ", x.device(),
               " with ", x.dim(), " dims");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x must be channels_last");
+  // Channels adjacent in memory; the pixels may lie anywhere (conv_gemm_bias_act reads them through x's
+  // strides; Winograd checks for channels_last itself).
+  TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, op, ": x's channels must be contiguous (channels_last), got strides ", x.strides());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 && stride[1] >= 1 &&
                   padding[0] >= 0 && padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1,
               op, ": stride and dilation must be 2 values >= 1, padding 2 values >= 0");
@@ -214,16 +222,19 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   const std::vector<float> zeros(padded ? cin : 0, 0.f);  // the input row a tap in the padding reads
   // Row m's input pixel under each tap (channels_last: a pixel's channels are contiguous), into
   // dst[t * stride] for t in [0, taps): the divisions once per row, not per tap.
+  // Through x's strides: a strided view whose pixels overlap serves too (ops/conv.py's stem path
+  // reads a kernel row's taps as one pixel of KW x Cin channels).
+  const int64_t s_img = x.stride(0), s_y = x.stride(2), s_x = x.stride(3);
   auto x_rows = [&](int64_t m, const float** dst, int64_t stride) {
     const int64_t img = m / (g.oh * g.ow), rem = m % (g.oh * g.ow);
     const int64_t y0 = (rem / g.ow) * g.sh - g.ph, x0 = (rem % g.ow) * g.sw - g.pw;
-    const float* image = xp + img * g.h * g.w * cin;
+    const float* image = xp + img * s_img;
     for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
       const int64_t iy = y0 + ky * g.dh;
       for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
         const int64_t ix = x0 + kx * g.dw;
         const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-        dst[t * stride] = inside ? image + (iy * g.w + ix) * cin : zeros.data();
+        dst[t * stride] = inside ? image + iy * s_y + ix * s_x : zeros.data();
       }
     }
   };
@@ -231,15 +242,18 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   // panels: about 32 tasks per thread, so that the threads finish together (ResNet-50's 1x1 layers
   // to 1024/2048 channels at batch 8, Zen 3: 1.01-1.16x oneDNN's time with 8 per thread in one run,
   // 0.76-1.15x with 32 in two; the per-layer choice keeps oneDNN where it still wins).
-  const int64_t tiles = (m_total + MT - 1) / MT;
+  // Row tiles of at most MT rows, evened out (196 rows: 66 + 66 + 64, not 96 + 96 + 4): the threads
+  // take equal shares of tasks, so one short tile would leave a thread idle (ResNet-50's 1x1 layers to
+  // 1024 channels at batch 1 ran at 0.65x onnxruntime's speed with the short tile).
+  const int64_t mt = even_rows(m_total), tiles = (m_total + mt - 1) / mt;
   const int64_t want = 32 * at::get_num_threads();
   const int64_t groups = std::min(panels, std::max<int64_t>(1, (want + tiles - 1) / tiles));
   const int64_t per_group = (panels + groups - 1) / groups;
   at::parallel_for(0, tiles * groups, 1, [&](int64_t t0, int64_t t1) {
     // Per micro-tile row block, the rows' input pixels per tap ([tap][row]), resolved once per task.
-    std::vector<const float*> rows_x(MT * taps);
+    std::vector<const float*> rows_x(mt * taps);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t m0 = (task / groups) * MT, m1 = std::min(m_total, m0 + MT);
+      const int64_t m0 = (task / groups) * mt, m1 = std::min(m_total, m0 + mt);
       const int64_t p0 = (task % groups) * per_group, p1 = std::min(panels, p0 + per_group);
       for (int64_t r = m0; r < m1; r += MR) {
         const float** a = rows_x.data() + (r - m0) * taps;
@@ -400,6 +414,7 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
                   packed.scalar_type() == at::kFloat && packed.is_contiguous(),
               name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");
   TORCH_CHECK(x.size(1) % 8 == 0, name, ": input channels must be a multiple of 8, got ", x.size(1));
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": x must be channels_last");
   const Geometry g = check_args(name, x, 3, 3, packed.size(1) * NR, b, residual, {1, 1}, padding, {1, 1});
   at::Tensor out = output_for(name, x, residual, g, out_);
 #if RF_HAVE_CONV_GEMM
@@ -423,10 +438,10 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
   float* mp = vp + 16 * tiles * cin;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { winograd_input(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
   const float* up = packed.const_data_ptr<float>();
-  const int64_t row_tiles = (tiles + MT - 1) / MT;
+  const int64_t mt = even_rows(tiles), row_tiles = (tiles + mt - 1) / mt;
   at::parallel_for(0, 16 * row_tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * MT, m1 = std::min(tiles, m0 + MT);
+      const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * mt, m1 = std::min(tiles, m0 + mt);
       const float* a_base = vp + pos * tiles * cin;
       float* c_base = mp + pos * tiles * cout;
       for (int64_t k0 = 0; k0 < cin; k0 += KC) {

@@ -125,8 +125,7 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         if path == "winograd" and not all_finite(x):
             # Its transforms mix a 4x4 patch: one Inf or NaN would reach outputs that torch keeps finite.
             return onednn(x, residual)
-        # The kernels read channels_last; a plan is keyed by shape, not layout, so convert here.
-        x = x.contiguous(memory_format=_CL)
+        # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
         if residual is not None:
             residual = residual.contiguous(memory_format=_CL)
         if inplace and residual is not None:
@@ -141,9 +140,10 @@ def _own_kernels(
     C, slot, x, w, b, relu, stride, padding, dilation, groups
 ) -> dict[str, Callable[..., Tensor]]:
     """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
-    take float32 channels_last, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA, and
-    a folded, finite weight (packed once, kept beside it). A 3x3 stride-1 layer gets Winograd instead of the
-    implicit GEMM (which it beats on every ResNet shape measured); other shapes get the GEMM."""
+    take float32, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA, and a folded,
+    finite weight (packed once, kept beside it). A 3x3 stride-1 layer gets Winograd instead of the implicit
+    GEMM (which it beats on every ResNet shape measured); a layer with few input channels (the stem's 3)
+    gets the GEMM over kernel rows ("gemm_rows"); other shapes get the GEMM."""
     if (
         slot is None
         or x.device.type != "cpu"
@@ -169,18 +169,56 @@ def _own_kernels(
 
         def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
             space = buffers.scratch(size, x) if buffers is not None else None
+            x = x.contiguous(memory_format=_CL)
             return winograd(x, packed, bias, residual, relu, padding, out, space)
 
         return {"winograd": run_winograd}
+    gemm = C.conv_gemm_bias_act
+    if w.shape[1] < 8 and list(dilation) == [1, 1]:
+        return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
     packed = slot.get(("gemm",))
     if packed is None:
         packed = slot[("gemm",)] = C.pack_conv_gemm_weight(w)
-    gemm = C.conv_gemm_bias_act
 
     def run_gemm(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+        x = x.contiguous(memory_format=_CL)
         return gemm(x, packed, bias, residual, relu, stride, padding, dilation, out)
 
     return {"gemm": run_gemm}
+
+
+def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]:
+    """The implicit GEMM for a layer with few input channels (the stem: 3), reading each kernel row's KW
+    taps as one pixel of KW x Cin channels: in a zero-padded channels_last copy of x, those taps lie next
+    to each other, so a strided view of it is a KH x 1 convolution with KW x Cin input channels (7 taps of
+    21 instead of 49 taps of 3: the micro-kernel's K loop runs 7 times longer per row pointer)."""
+    cout, cin, kh, kw = w.shape
+    packed = slot.get(("gemm_rows",))
+    if packed is None:
+        # [Cout, Cin, KH, KW] -> [Cout, KW * Cin, KH, 1]: channel kx * Cin + c of the view's pixel.
+        rows = w.permute(0, 3, 1, 2).reshape(cout, kw * cin, kh, 1)
+        packed = slot[("gemm_rows",)] = C.pack_conv_gemm_weight(rows)
+    gemm = C.conv_gemm_bias_act
+    ph, pw = padding
+
+    def run_gemm_rows(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+        n, _, h, width = x.shape
+        hp, wp = h + 2 * ph, width + 2 * pw
+        shape = [n, cin, hp, wp]
+        if buffers is not None:
+            padded = buffers.output(shape, x)
+        else:
+            padded = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
+        # Only the border is zeroed: the rest is x, copied (and made channels_last) in one pass.
+        for border in (padded[:, :, :ph], padded[:, :, hp - ph :]):
+            border.zero_()
+        for border in (padded[:, :, :, :pw], padded[:, :, :, wp - pw :]):
+            border.zero_()
+        padded[:, :, ph : ph + h, pw : pw + width].copy_(x)
+        view = padded.as_strided((n, kw * cin, hp, wp - kw + 1), (hp * wp * cin, 1, wp * cin, cin))
+        return gemm(view, packed, bias, residual, relu, stride, [0, 0], [1, 1], out)
+
+    return run_gemm_rows
 
 
 # ---- Triton ("triton"), imported on first use ----

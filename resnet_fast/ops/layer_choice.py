@@ -29,7 +29,7 @@ LIBRARY_PATH = {"cuda": "cudnn", "cpu": "onednn"}  # the path a tie goes to, per
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm" or "winograd"
+    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows" or "winograd"
     ms: dict[str, float]  # median milliseconds per call of every path measured
 
 

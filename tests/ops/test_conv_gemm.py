@@ -21,7 +21,9 @@ import torchvision
 import resnet_fast
 from resnet_fast import _ext
 from resnet_fast.nn import fused
+from resnet_fast.ops import conv as conv_ops
 from resnet_fast.ops import layer_choice
+from resnet_fast.ops.buffers import Buffers
 
 _C = _ext.load()
 pytestmark = pytest.mark.skipif(
@@ -42,6 +44,15 @@ GEMM_SHAPES = [
     (2, 300, 48, 6, 5, 3, 2, 1, 1),
     (1, 24, 32, 7, 7, 3, 1, 2, 2),
     (2, 3, 64, 20, 22, 7, 2, 3, 1),
+    (1, 16, 64, 14, 14, 1, 1, 0, 1),  # 196 rows: tasks of 66, 66 and 64 rows
+]
+# (batch, cin, cout, h, w, kernel, stride, padding) for the GEMM over kernel rows ("gemm_rows", layers
+# with fewer than 8 input channels): the stem, MNIST's 1-channel first conv, no padding, stride 3.
+ROWS_SHAPES = [
+    (2, 3, 64, 23, 20, 7, 2, 3),
+    (3, 1, 16, 28, 28, 3, 1, 1),
+    (1, 5, 32, 9, 11, 5, 1, 0),
+    (2, 3, 16, 16, 16, 4, 3, 2),
 ]
 # (batch, cin, cout, h, w, padding): odd output sizes (partial 2x2 tiles), K above the K block.
 WINOGRAD_SHAPES = [
@@ -111,6 +122,28 @@ def test_winograd_matches_float64_reference(shape, residual, relu):
     batch, cin, cout, h, w, p = shape
     x, weight, bias, res = _case(batch, cin, cout, h, w, 3, 1, p, 1, residual)
     _close(_winograd(x, weight, bias, res, relu, p), _reference(x, weight, bias, res, relu, 1, p, 1))
+
+
+@pytest.mark.parametrize("shape", ROWS_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_gemm_over_kernel_rows_matches_float64_reference(shape, residual):
+    batch, cin, cout, h, w, k, stride, padding = shape
+    x, weight, bias, res = _case(batch, cin, cout, h, w, k, stride, padding, 1, residual)
+    geometry = ([stride] * 2, [padding] * 2, [1, 1])
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, 1)
+    assert list(kernels) == ["gemm_rows"]
+    run = kernels["gemm_rows"]
+    expected = _reference(x, weight, bias, res, True, stride, padding, 1)
+    _close(run(x.contiguous(), res, None, None), expected)  # from NCHW: the padded copy converts
+    # Into kept buffers, twice: the padded input's border must stay zero when its buffer is reused.
+    buffers = Buffers()
+    buffers.start(x)
+    for _ in range(2):
+        out = buffers.output(list(expected.shape), x)
+        assert run(x, res, out, buffers).data_ptr() == out.data_ptr()
+        _close(out, expected)
+        x.mul_(-1)  # a new input (negated: the reference too) in the same buffers
+        expected = _reference(x, weight, bias, res, True, stride, padding, 1)
 
 
 def test_without_bias():
@@ -244,7 +277,7 @@ def _always_ours(monkeypatch):
     taken = []
 
     def choose(key, run, cache=None):
-        path = next((p for p in ("winograd", "gemm") if p in run), "onednn")
+        path = next((p for p in ("winograd", "gemm", "gemm_rows") if p in run), "onednn")
         taken.append(path)
         return path
 
@@ -277,7 +310,8 @@ def test_model_runs_every_layer_on_our_kernels(_always_ours):
     convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
     winograd = [c for c in convs if c.kernel_size == (3, 3) and c.stride == (1, 1)]
     assert _always_ours.count("winograd") == len(winograd) == 13
-    assert _always_ours.count("gemm") == len(convs) - len(winograd)  # 1x1s, the stem, 3x3 stride 2
+    assert _always_ours.count("gemm_rows") == 1  # the stem
+    assert _always_ours.count("gemm") == len(convs) - len(winograd) - 1  # 1x1s, 3x3 stride 2
     _assert_matches(out, expected)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
