@@ -398,12 +398,37 @@ at::Tensor pack_winograd_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
               "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] weight, got ", w.sizes(), " ", w.scalar_type());
   TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
-  // U = G g G^T per (cout, cin), in float64 so the transform adds no rounding of its own.
-  const auto G = at::tensor({1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0}, at::kDouble).reshape({4, 3});
-  const auto u = at::matmul(at::matmul(G, w.to(at::kDouble)), G.t());  // [Cout, Cin, 4, 4]
   const int64_t cout = w.size(0), cin = w.size(1);
-  // [Cout, Cin, 4, 4] -> [16, Cout/16, Cin, 16]: per position, the conv_gemm panels of a 1x1 weight.
-  return u.reshape({cout / NR, NR, cin, 16}).permute({3, 0, 2, 1}).contiguous().to(at::kFloat);
+  const at::Tensor wc = w.contiguous();
+  const float* src = wc.const_data_ptr<float>();
+  // [16 positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
+  at::Tensor packed = at::empty({16, cout / NR, cin, NR}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  float* dst = packed.mutable_data_ptr<float>();
+  const int64_t pos_stride = cout * cin;
+  // U = G g G^T per (cout, cin), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], in float64 and rounded
+  // once, so the transform adds no rounding of its own.
+  at::parallel_for(0, cout, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t c = 0; c < cin; ++c) {
+        const float* g = src + (o * cin + c) * 9;
+        double t[4][3];  // G g
+        for (int64_t j = 0; j < 3; ++j) {
+          const double g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+          t[0][j] = g0;
+          t[1][j] = 0.5 * (g0 + g1 + g2);
+          t[2][j] = 0.5 * (g0 - g1 + g2);
+          t[3][j] = g2;
+        }
+        float* out = dst + ((o / NR) * cin + c) * NR + o % NR;
+        for (int64_t i = 0; i < 4; ++i) {  // (G g) G^T
+          const double u[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]), 0.5 * (t[i][0] - t[i][1] + t[i][2]),
+                               t[i][2]};
+          for (int64_t j = 0; j < 4; ++j) out[(i * 4 + j) * pos_stride] = static_cast<float>(u[j]);
+        }
+      }
+    }
+  });
+  return packed;
 }
 
 at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,

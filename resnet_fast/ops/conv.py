@@ -71,24 +71,29 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     C = _ext.load()
     slot = fold.packed_slot(w)
     dense = w
-    if slot is not None:
-        # A folded (persistent) weight: prepack once per route, conv geometry and input shape.
-        key = ("cpp", C.conv_route(x.device.type, x.dtype), *stride, *padding, *dilation, groups, *x.shape)
+    # A folded (persistent) weight: prepacked for oneDNN once per route, conv geometry and input shape,
+    # on first use (not at all when our kernel is chosen from the cache).
+    key = ("cpp", C.conv_route(x.device.type, x.dtype), *stride, *padding, *dilation, groups, *x.shape)
+    x_shape = list(x.shape)
+
+    def prepack() -> Tensor:
         packed = slot.get(key)
         if packed is None:
             ours = [k for k in slot if k[0] == "cpp"]
             if len(ours) >= _MAX_PACKS_PER_WEIGHT:
                 del slot[ours[0]]  # the oldest
-            packed = slot[key] = C.prepack_conv_weight(w, stride, padding, dilation, groups, list(x.shape))
-        w = packed
+            packed = slot[key] = C.prepack_conv_weight(dense, stride, padding, dilation, groups, x_shape)
+        return packed
+
+    weight = _held(prepack) if slot is not None else lambda: dense
     run, into_residual = C.conv_bias_act, C.conv_bias_act_into_residual
 
     def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
-        return run(x, w, b, residual, relu, stride, padding, dilation, groups)
+        return run(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     def onednn_in_place(x: Tensor, residual: Tensor, buffers: Buffers | None = None) -> Tensor:
         x, residual = x.contiguous(memory_format=_CL), residual.contiguous(memory_format=_CL)
-        return into_residual(x, w, b, residual, relu, stride, padding, dilation, groups)
+        return into_residual(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     library = onednn_in_place if inplace and residual is not None and x.device.type == "cpu" else onednn
     library.__name__ = "onednn"
@@ -116,8 +121,9 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     path = layer_choice.choose_cpu(choice_key, candidates)
     if path == "onednn":
         for name in kernels:
-            slot.pop((name,), None)  # our packed weight, not needed
+            slot.pop((name,), None)  # our packed weight, if measured: not needed
         return library
+    slot.pop(key, None)  # oneDNN's, if measured (a Winograd plan's fallback keeps its own reference)
     kernel = kernels[path]
     all_finite = C.all_finite
 
@@ -161,28 +167,24 @@ def _own_kernels(
         and list(dilation) == [1, 1]
         and w.shape[1] % 8 == 0
     ):
-        packed = slot.get(("winograd",))
-        if packed is None:
-            packed = slot[("winograd",)] = C.pack_winograd_weight(w)
+        packed = _packed(slot, "winograd", lambda: C.pack_winograd_weight(w))
         size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding)
         winograd = C.conv_winograd_bias_act
 
         def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
             space = buffers.scratch(size, x) if buffers is not None else None
             x = x.contiguous(memory_format=_CL)
-            return winograd(x, packed, bias, residual, relu, padding, out, space)
+            return winograd(x, packed(), bias, residual, relu, padding, out, space)
 
         return {"winograd": run_winograd}
     gemm = C.conv_gemm_bias_act
     if w.shape[1] < 8 and list(dilation) == [1, 1]:
         return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
-    packed = slot.get(("gemm",))
-    if packed is None:
-        packed = slot[("gemm",)] = C.pack_conv_gemm_weight(w)
+    packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
 
     def run_gemm(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         x = x.contiguous(memory_format=_CL)
-        return gemm(x, packed, bias, residual, relu, stride, padding, dilation, out)
+        return gemm(x, packed(), bias, residual, relu, stride, padding, dilation, out)
 
     return {"gemm": run_gemm}
 
@@ -193,11 +195,12 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
     to each other, so a strided view of it is a KH x 1 convolution with KW x Cin input channels (7 taps of
     21 instead of 49 taps of 3: the micro-kernel's K loop runs 7 times longer per row pointer)."""
     cout, cin, kh, kw = w.shape
-    packed = slot.get(("gemm_rows",))
-    if packed is None:
+
+    def pack() -> Tensor:
         # [Cout, Cin, KH, KW] -> [Cout, KW * Cin, KH, 1]: channel kx * Cin + c of the view's pixel.
-        rows = w.permute(0, 3, 1, 2).reshape(cout, kw * cin, kh, 1)
-        packed = slot[("gemm_rows",)] = C.pack_conv_gemm_weight(rows)
+        return C.pack_conv_gemm_weight(w.permute(0, 3, 1, 2).reshape(cout, kw * cin, kh, 1))
+
+    packed = _packed(slot, "gemm_rows", pack)
     gemm = C.conv_gemm_bias_act
     ph, pw = padding
 
@@ -216,9 +219,34 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
             border.zero_()
         padded[:, :, ph : ph + h, pw : pw + width].copy_(x)
         view = padded.as_strided((n, kw * cin, hp, wp - kw + 1), (hp * wp * cin, 1, wp * cin, cin))
-        return gemm(view, packed, bias, residual, relu, stride, [0, 0], [1, 1], out)
+        return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)
 
     return run_gemm_rows
+
+
+def _held(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """A function returning make()'s tensor, made on the first call and held from then on."""
+    held: list[Tensor] = []
+
+    def get() -> Tensor:
+        if not held:
+            held.append(make())
+        return held[0]
+
+    return get
+
+
+def _packed(slot: dict, name: str, pack: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """Our kernel's packed weight, packed on first use and kept in the weight's slot under (name,), so
+    plans for other input shapes share it (packing is shape-independent)."""
+
+    def make() -> Tensor:
+        packed = slot.get((name,))
+        if packed is None:
+            packed = slot[(name,)] = pack()
+        return packed
+
+    return _held(make)
 
 
 # ---- Triton ("triton"), imported on first use ----

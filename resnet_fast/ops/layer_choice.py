@@ -39,6 +39,9 @@ ROUNDS = 5  # samples per path, interleaved
 # per sample and fewer rounds keep that call near a second or two.
 CPU_CALLS = 1
 CPU_ROUNDS = 3
+# A path 1.3x faster than the others in the first round is kept without the other rounds (a model's
+# first call measures every new shape); close calls still get the median of three.
+CPU_DECISIVE = 1.3
 
 
 def batch_bucket(n: int) -> int:
@@ -169,10 +172,12 @@ def measure(
     timer: Callable[[Callable[[], object]], float] | None = None,
     library: str = LIBRARY_PATH["cuda"],
     rounds: int = ROUNDS,
+    decisive: float | None = None,
 ) -> Choice:
     """Time each path (after a warm-up call that also autotunes Triton): ROUNDS samples per path, the
     rounds interleaved so that clock and thermal drift hit every path alike; medians decide, and ties
-    go to the `library` path (the promise is "never slower than the library")."""
+    go to the `library` path (the promise is "never slower than the library"). With `decisive`, the
+    rounds stop early once one path's median is that many times faster than every other's."""
     timer = timer or cuda_timer
     for fn in run.values():
         fn()
@@ -180,8 +185,10 @@ def measure(
     for _ in range(rounds):
         for name, fn in run.items():
             samples[name].append(timer(fn))
-    ms = {name: statistics.median(values) for name, values in samples.items()}
-    path = min(ms, key=lambda name: (ms[name], name != library))
+        ms = {name: statistics.median(values) for name, values in samples.items()}
+        path = min(ms, key=lambda name: (ms[name], name != library))
+        if decisive is not None and all(ms[path] * decisive <= v for n, v in ms.items() if n != path):
+            break
     return Choice(path, ms)
 
 
@@ -216,6 +223,6 @@ def choose_cpu(key: str, run: dict[str, Callable[[], object]], cache: ChoiceCach
     cache = cache or CPU_CACHE
     known = cache.get(key)
     if known is None or set(known.ms) != set(run):  # new, or measured among other candidates
-        known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS)
+        known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS, CPU_DECISIVE)
         cache.put(key, known)
     return known.path

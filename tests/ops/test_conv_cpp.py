@@ -311,15 +311,19 @@ def test_eval_model_matches_torchvision(arch, monkeypatch):
     _assert_close(out, expected, 1e-4)
 
 
-def test_one_prepacked_weight_per_input_shape_at_most_four():
+def test_one_prepacked_weight_per_input_shape_at_most_four(monkeypatch):
+    from resnet_fast.ops import layer_choice
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None: "onednn")
     conv, bn = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False).eval(), torch.nn.BatchNorm2d(16).eval()
     for batch in (1, 2, 3, 4, 5, 1):
         x = torch.randn(batch, 8, 6, 6).contiguous(memory_format=CL)
         with torch.no_grad():
             _assert_close(resnet_fast.nn.conv_bn_act(x, conv, bn), torch.relu(bn(conv(x))), 1e-4)
-    packed = [k for k in fold.folded(conv, bn).packed if k[0] == "cpp"]  # oneDNN's (ours: one per weight)
+    packed = [k for k in fold.folded(conv, bn).packed if k[0] == "cpp"]  # oneDNN's (ours: none, not chosen)
     assert len(packed) == conv_ops._MAX_PACKS_PER_WEIGHT
     assert sorted(k[-4] for k in packed) == [1, 3, 4, 5]  # oldest evicted first; batch 1 packed again
+    assert ("winograd",) not in fold.folded(conv, bn).packed
 
 
 @pytest.mark.parametrize("poison", [None, "input", "residual"])

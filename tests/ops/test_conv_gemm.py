@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fast
-from resnet_fast import _ext
+from resnet_fast import _ext, fold
 from resnet_fast.nn import fused
 from resnet_fast.ops import conv as conv_ops
 from resnet_fast.ops import layer_choice
@@ -314,6 +314,28 @@ def test_model_runs_every_layer_on_our_kernels(_always_ours):
     assert _always_ours.count("gemm") == len(convs) - len(winograd) - 1  # 1x1s, 3x3 stride 2
     _assert_matches(out, expected)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chosen", ["winograd", "onednn", None])  # None: measured now
+def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chosen):
+    """Weights are packed on a path's first call: a choice read from the cache packs only that path's,
+    and after a measurement the other path's pack is dropped."""
+    if chosen is None:
+        monkeypatch.setattr(
+            layer_choice, "CPU_CACHE", layer_choice.ChoiceCache(tmp_path / "c.json", device_type="cpu")
+        )
+    else:
+        monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None: chosen)
+    resnet_fast.set_backend("cpp")
+    conv, bn = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False).eval(), torch.nn.BatchNorm2d(32).eval()
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resnet_fast.nn.conv_bn_act(x, conv, bn), torch.relu(bn(conv(x))), rtol=1e-4, atol=1e-4
+        )
+    kinds = {k[0] for k in fold.folded(conv, bn).packed}
+    path = chosen or layer_choice.CPU_CACHE.items()[0][1].path
+    assert kinds == ({"winograd"} if path == "winograd" else {"cpp"})  # "cpp": oneDNN's prepacked weight
 
 
 def test_only_fitting_layers_are_candidates(_always_ours):

@@ -146,13 +146,16 @@ def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, mon
     assert not measured
 
 
-def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
+def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path, monkeypatch):
     cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
     calls = {"onednn": 0, "gemm": 0}
+    # Within 1.3x of each other: not decisive, every round runs.
+    monkeypatch.setattr(layer_choice, "cpu_timer", _fake_timer({"onednn": 1.0, "gemm": 1.2, "winograd": 0.9}))
 
     def path(name):
         def run():
             calls[name] += 1
+            return name
 
         return run
 
@@ -181,6 +184,24 @@ def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path):
     calls["winograd"] = 0
     layer_choice.choose_cpu(key, run, cache)
     assert calls["winograd"] == per_path and set(cache.get(key).ms) == {"onednn", "gemm", "winograd"}
+
+
+def test_cpu_choice_stops_early_when_one_path_is_decisively_faster():
+    samples = {"onednn": [], "gemm": []}
+
+    def timer(fn):
+        name = fn()
+        samples[name].append(1)
+        return {"onednn": 2.0, "gemm": 1.0}[name]
+
+    run = {"onednn": lambda: "onednn", "gemm": lambda: "gemm"}
+    choice = layer_choice.measure(run, timer, "onednn", 3, decisive=1.3)
+    assert choice.path == "gemm" and samples == {"onednn": [1], "gemm": [1]}  # one round only
+    close = lambda fn: {"onednn": 1.2, "gemm": 1.0}[fn()]  # noqa: E731
+    assert layer_choice.measure(run, close, "onednn", 3, decisive=1.3).path == "gemm"
+    samples = {"onednn": [], "gemm": []}
+    layer_choice.measure(run, lambda fn: (samples[fn()].append(1), 1.0)[1], "onednn", 3, decisive=1.3)
+    assert samples == {"onednn": [1] * 3, "gemm": [1] * 3}  # not decisive: all rounds
 
 
 def test_cpu_key_and_file_name_the_machine():
