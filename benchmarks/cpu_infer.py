@@ -11,8 +11,10 @@ on the same torchvision weights (`pip install -e ".[peers]"`); the same builders
 
 Every measurement is the median over interleaved rounds (resnet_fast._timing), each timed call right
 after an untimed one of the same contender (onnxruntime's spinning threads would otherwise slow
-whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up") times are measured on fresh models:
-ours folds and prepacks every layer on its first call, compile+freezing compiles on its own.
+whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
+times are measured on fresh models: ours folds and prepacks every layer on its first call (once with
+an empty layer-choice cache, every distinct conv shape timed then; once with the choices cached),
+compile+freezing compiles on its own.
 Writes benchmarks/results/<machine-tag>-cpu_infer.json.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +34,7 @@ import torchvision
 
 import resnet_fast
 from resnet_fast import _timing
-from resnet_fast.ops import conv_route
+from resnet_fast.ops import conv_route, layer_choice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
@@ -141,11 +144,25 @@ def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) 
 
 def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     """First calls on fresh models, then steady state at batch N and batch 1."""
+    with tempfile.TemporaryDirectory() as empty:
+        # A fresh model with no layer choice on disk: every distinct conv shape is timed in this call.
+        fresh = layer_choice.ChoiceCache(Path(empty) / "choices.json", device_type="cpu")
+        saved, layer_choice.CPU_CACHE = layer_choice.CPU_CACHE, fresh
+        try:
+            model = _models(torch.float32)[0]
+            empty_cache = _first_call(lambda: model(x))
+        finally:
+            layer_choice.CPU_CACHE = saved
     ours, theirs = _models(torch.float32)
     compiled = _compiled(theirs)
-    warm = {"resnet_fast": _first_call(lambda: ours(x)), "compile+freezing": _first_call(lambda: compiled(x))}
+    warm = {
+        "resnet_fast": _first_call(lambda: ours(x)),
+        "resnet_fast_empty_cache": empty_cache,
+        "compile+freezing": _first_call(lambda: compiled(x)),
+    }
     print(
-        f"first call (s): resnet_fast {warm['resnet_fast']:.2f} (fold + prepack), "
+        f"first call (s): resnet_fast {warm['resnet_fast']:.2f} (fold + prepack, layer choices from the cache), "
+        f"{empty_cache:.2f} with an empty cache (every layer choice timed); "
         f"compile+freezing {warm['compile+freezing']:.1f} (compilation)"
     )
     result["first_call_s"] = warm

@@ -44,7 +44,9 @@ def _timed_plans(model: torch.nn.Module, samples: dict, paths: dict) -> list:
         if cache is None:
             continue
         for key, run in list(cache.entry.runners.items()):
-            paths[name] = getattr(run, "__name__", "?")  # "onednn", "gemm", "gemm_rows" or "winograd" (cpp backend)
+            paths[name] = getattr(
+                run, "__name__", "?"
+            )  # "onednn", "gemm", "gemm_rows" or "winograd" (cpp backend)
 
             def timed(x, residual, buffers=None, run=run, name=name):
                 start = time.perf_counter()

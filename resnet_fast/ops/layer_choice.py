@@ -93,6 +93,11 @@ def cpu_name() -> str:
     return f"{fields.get('model name', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
 
 
+# Revision of our own kernels (csrc/cpu, kernels/): part of the cache file's name, raised whenever a
+# kernel's speed changes, so choices measured against an older one are measured again.
+KERNELS_REVISION = 2
+
+
 def cache_file(device_type: str = "cuda") -> Path:
     root = Path(os.environ.get("RESNET_FAST_CACHE", Path.home() / ".cache" / "resnet_fast"))
     if device_type == "cpu":
@@ -100,7 +105,7 @@ def cache_file(device_type: str = "cuda") -> Path:
     else:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
     slug = "".join(ch if ch.isalnum() else "_" for ch in name)
-    return root / f"layer_choice-{slug}-torch{torch.__version__.split('+')[0]}.json"
+    return root / f"layer_choice-{slug}-torch{torch.__version__.split('+')[0]}-k{KERNELS_REVISION}.json"
 
 
 class ChoiceCache:

@@ -211,4 +211,5 @@ def test_cpu_key_and_file_name_the_machine():
     assert f"threads{torch.get_num_threads()}" in key and "tf32" not in key
     name = layer_choice.cache_file("cpu").name
     assert name.startswith("layer_choice-cpu") and f"torch{torch.__version__.split('+')[0]}" in name
+    assert name.endswith(f"-k{layer_choice.KERNELS_REVISION}.json")  # our kernels' revision
     assert "family" in layer_choice.cpu_name()  # generations of one model name are told apart
