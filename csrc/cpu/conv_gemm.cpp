@@ -57,10 +57,10 @@ bool cpu_has_avx2_fma() {
 // input pixel under tap t (channel 0), bp at the panel ([taps][cin][16]), c[i] at row i's output for
 // this panel. Rows past `rows` repeat the last valid row's pointers (loads stay in bounds) and are
 // not stored.
-__attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
-                                                   int64_t kc, const float* bp, float* const* c, int64_t rows,
-                                                   bool first, bool last, const float* bias, const float* const* res,
-                                                   bool relu) {
+__attribute__((target("avx2,fma"))) void micro_tile6(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
+                                                    int64_t kc, const float* bp, float* const* c, int64_t rows,
+                                                    bool first, bool last, const float* bias, const float* const* res,
+                                                    bool relu) {
   // The first K block starts from bias (+ residual), so the residual is read before any write to c:
   // c may be the residual itself (in place); later blocks continue from c's partial sums.
   __m256 acc[MR][2];
@@ -119,6 +119,69 @@ __attribute__((target("avx2,fma"))) void micro_tile(const float* const* a, int64
       _mm256_storeu_ps(c[i], acc[i][0]);
       _mm256_storeu_ps(c[i] + 8, acc[i][1]);
     }
+  }
+}
+
+// micro_tile6 for the last R < MR rows of a task: a full 6-row tile there would spend up to 5/6 of
+// its FMAs on repeated rows (ResNet-50's 7x7 layers at batch 1: 49 rows, 9 tiles, the last of 1 row).
+template <int R>
+__attribute__((target("avx2,fma"))) void micro_tile_tail(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
+                                                        int64_t kc, const float* bp, float* const* c, bool first,
+                                                        bool last, const float* bias, const float* const* res,
+                                                        bool relu) {
+  __m256 acc[R][2];
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : zero;
+  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : zero;
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    if (first) {
+      acc[i][0] = res ? _mm256_add_ps(bias0, _mm256_loadu_ps(res[i])) : bias0;
+      acc[i][1] = res ? _mm256_add_ps(bias1, _mm256_loadu_ps(res[i] + 8)) : bias1;
+    } else {
+      acc[i][0] = _mm256_loadu_ps(c[i]);
+      acc[i][1] = _mm256_loadu_ps(c[i] + 8);
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* ar[R];
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) ar[i] = a[t * MR + i] + k0;
+    const float* bt = bp + (t * cin + k0) * NR;
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m256 b0 = _mm256_load_ps(bt + k * NR);
+      const __m256 b1 = _mm256_load_ps(bt + k * NR + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < R; ++i) {
+        const __m256 v = _mm256_broadcast_ss(ar[i] + k);
+        acc[i][0] = _mm256_fmadd_ps(v, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(v, b1, acc[i][1]);
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    if (last && relu) {
+      acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
+      acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
+    }
+    _mm256_storeu_ps(c[i], acc[i][0]);
+    _mm256_storeu_ps(c[i] + 8, acc[i][1]);
+  }
+}
+
+// One tile of `rows` <= MR rows (see micro_tile6 for the arguments).
+void micro_tile(const float* const* a, int64_t taps, int64_t cin, int64_t k0, int64_t kc, const float* bp,
+                float* const* c, int64_t rows, bool first, bool last, const float* bias, const float* const* res,
+                bool relu) {
+  switch (rows) {
+    case 1: return micro_tile_tail<1>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 2: return micro_tile_tail<2>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 3: return micro_tile_tail<3>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 4: return micro_tile_tail<4>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 5: return micro_tile_tail<5>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    default: return micro_tile6(a, taps, cin, k0, kc, bp, c, rows, first, last, bias, res, relu);
   }
 }
 #endif

@@ -95,6 +95,29 @@ def conv_bn_act(
     return torch.relu(out) if relu else out
 
 
+def linear(x: Tensor, fc: nn.Module) -> Tensor:
+    """fc(x), through resnet_fast.ops.linear (our GEMM where it is faster) for a plain, unhooked
+    nn.Linear at eager CPU inference on the cpp backend; else fc(x) itself."""
+    hooked = fc._forward_hooks or fc._forward_pre_hooks
+    hooked = hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    if (
+        type(fc) is not nn.Linear
+        or hooked
+        or x.device.type != "cpu"
+        or ops.backend_for(x.device) != "cpp"
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()  # an exported graph keeps torch's Linear
+        or torch.jit.is_tracing()
+        or torch.is_autocast_enabled("cpu")
+        or (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, fc.weight, fc.bias))
+        )
+    ):
+        return fc(x)
+    return ops.linear(x, fc)
+
+
 def _train_fused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Tensor | None, relu: bool) -> Tensor:
     """Train mode (batch statistics): the conv, then ONE fused BN (+ residual) (+ ReLU) op that also
     updates the running statistics like nn.BatchNorm2d (synchronised for a SyncBatchNorm).

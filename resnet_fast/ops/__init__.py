@@ -6,6 +6,7 @@ from .buffers import Buffers
 from .conv import conv_bias_act, conv_route, conv_runner, scale_shift_act
 from .decompositions import decompositions
 from .fused import add_relu
+from .dense import linear
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +22,7 @@ __all__ = [
     "conv_runner",
     "decompositions",
     "get_backend",
+    "linear",
     "scale_shift_act",
     "set_backend",
     "status",

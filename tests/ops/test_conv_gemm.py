@@ -311,7 +311,8 @@ def test_model_runs_every_layer_on_our_kernels(_always_ours):
     winograd = [c for c in convs if c.kernel_size == (3, 3) and c.stride == (1, 1)]
     assert _always_ours.count("winograd") == len(winograd) == 13
     assert _always_ours.count("gemm_rows") == 1  # the stem
-    assert _always_ours.count("gemm") == len(convs) - len(winograd) - 1  # 1x1s, 3x3 stride 2
+    # 1x1s and 3x3 stride 2 (all but the stem), and the classifier's Linear
+    assert _always_ours.count("gemm") == len(convs) - len(winograd) - 1 + 1
     _assert_matches(out, expected)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
