@@ -5,8 +5,8 @@ from .batchnorm import batch_norm_act, bn_act_backward, bn_act_train
 from .buffers import Buffers
 from .conv import conv_bias_act, conv_route, conv_runner, scale_shift_act
 from .decompositions import decompositions
-from .fused import add_relu
 from .dense import linear
+from .fused import add_relu
 
 __all__ = [
     "BACKENDS",

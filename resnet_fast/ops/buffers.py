@@ -35,9 +35,13 @@ class Buffers:
         self._pool: dict[tuple, list[Tensor]] = {}
         self._scratch: Tensor | None = None
         self._input: tuple = ()
+        # The backend this forward's fused layers run on, resolved once when it starts (None: let each
+        # layer resolve it, e.g. under autocast).
+        self.backend: str | None = None
 
-    def start(self, x: Tensor) -> None:
-        """A forward with input x begins."""
+    def start(self, x: Tensor, backend: str | None = None) -> None:
+        """A forward with input x begins, its fused layers on `backend`."""
+        self.backend = backend
         key = (x.shape, x.dtype, x.device)
         if key != self._input:
             self._pool.clear()
