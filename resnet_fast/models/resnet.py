@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 from urllib.error import URLError
 
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ConvBN, SyncBatchNorm, conv_bn_act, linear, max_pool2d, to_model_layout
-from ..nn.fused import private_activations
+from ..nn.replay import run_private
 
 __all__ = [
     "ResNet",
@@ -292,46 +291,51 @@ class ResNet(nn.Module):
         self._check_input(x)
         x = to_model_layout(x)
         # Tensors no one else can see: residual adds in place, outputs into buffers kept from the last
-        # forward (see _activations_private).
-        with private_activations(self, x) if self._activations_private() else nullcontext():
-            x = conv_bn_act(x, self.conv1, self.bn1)
-            x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
-            x = self.layer4(x)
-
+        # forward, the forward replayed from a recording (see _private_modules and nn.replay).
+        modules = self._private_modules()
+        x = self._features(x) if modules is None else run_private(self, x, self._features, modules)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         x = linear(x, self.fc)  # self.fc(x), on our GEMM at CPU inference where that is faster
 
         return x
 
+    def _features(self, x: Tensor) -> Tensor:
+        x = conv_bn_act(x, self.conv1, self.bn1)
+        x = max_pool2d(self.maxpool, x)  # self.maxpool(x), rebuilding its input in the backward
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
 
-    def _activations_private(self) -> bool:
-        """Whether no one outside this forward can see the tensors its blocks pass on: no gradients (no
-        autograd graph keeps them), eager (not compiled, traced or exported), no forward hooks on the
-        max pool or anywhere in the stages nor global ones, and every module in them one whose forward
-        keeps no reference."""
+    def _private_modules(self) -> list[nn.Module] | None:
+        """The modules _features runs (the stem, then every module of the stages, in a fixed order) when
+        no one outside the forward can see the tensors they pass on, else None: no gradients (no autograd
+        graph keeps them), eager (not compiled, traced or exported), no forward hooks on the max pool or
+        anywhere in the stages nor global ones, and every module in them one whose forward keeps no
+        reference."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return False
+            return None
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return False
+            return None
         # layer1's input is the max pool's output: a fresh tensor only from a plain, unhooked MaxPool2d.
         pool = self.maxpool
         if type(pool) is not nn.MaxPool2d or pool._forward_hooks or pool._forward_pre_hooks:
-            return False
-        stack = [self.layer1, self.layer2, self.layer3, self.layer4]
+            return None
+        walked = [self.conv1, self.bn1, pool]
+        stack = [self.layer4, self.layer3, self.layer2, self.layer1]
         while stack:  # every module of the stages (a plain walk: modules() costs ~4x more per forward)
             m = stack.pop()
             if m is None:
                 continue
             if type(m) not in _KEEPS_NO_REFERENCE or m._forward_hooks or m._forward_pre_hooks:
-                return False
-            stack.extend(m._modules.values())
-        return True
+                return None
+            walked.append(m)
+            stack.extend(reversed(m._modules.values()))
+        return walked
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script cannot compile the fused ops' Python dispatch: say what works instead.

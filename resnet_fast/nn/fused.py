@@ -50,7 +50,7 @@ _IDLE_BUFFERS: weakref.WeakKeyDictionary[nn.Module, list[ops.Buffers]] = weakref
 
 
 @contextmanager
-def private_activations(owner: nn.Module, x: Tensor) -> Iterator[None]:
+def private_activations(owner: nn.Module, x: Tensor) -> Iterator[ops.Buffers]:
     """Within: activations are the forward's own; outputs go into `owner`'s buffers for inputs like x."""
     idle = _IDLE_BUFFERS.setdefault(owner, [])
     try:
@@ -61,8 +61,9 @@ def private_activations(owner: nn.Module, x: Tensor) -> Iterator[None]:
     buffers.start(x, None if torch.is_autocast_enabled(x.device.type) else ops.backend_for(x.device))
     try:
         with ops.buffers.using(buffers):
-            yield
+            yield buffers
     finally:
+        buffers.recording = None
         idle.append(buffers)
 
 
@@ -82,15 +83,12 @@ def conv_bn_act(
 ) -> Tensor:
     """act(bn(conv(x)) [+ residual]) through the fused ops where possible."""
     buffers = ops.buffers.current()
-    if (
-        buffers is not None
-        and buffers.backend not in (None, "torch")
-        and _plain(conv, bn)
-        and _ready(x, conv, bn)
-    ):
-        # Inside a model's private forward, which already knows: no gradients, eager, not exporting,
-        # autocast off, the backend. Per layer ~60 us of Python at batch 1 otherwise (ResNet-50, Zen 3).
-        return _eval_fused(x, conv, bn, residual, relu, buffers.backend, buffers)
+    if buffers is not None:
+        if buffers.backend not in (None, "torch") and _plain(conv, bn) and _ready(x.dtype, conv, bn):
+            # Inside a model's private forward, which already knows: no gradients, eager, not exporting,
+            # autocast off, the backend.
+            return _eval_fused(x, conv, bn, residual, relu, buffers.backend, buffers)
+        buffers.unrecordable()
     backend = ops.backend_for(x.device)
     if backend == "torch" or _exporting() or not _plain(conv, bn):
         return reference.conv_bn_act(x, conv, bn, residual, relu)
@@ -161,7 +159,7 @@ def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor |
     )
 
 
-def _ready(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+def _ready(dtype: torch.dtype, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """What _foldable checks beyond what a private forward knows: eval BN with running stats, one dtype,
     a padding the fused op expresses."""
     weight, _, _, _, mean, var = fold.sources(conv, bn)
@@ -169,7 +167,7 @@ def _ready(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
         not bn.training
         and mean is not None
         and var is not None
-        and x.dtype == weight.dtype
+        and dtype == weight.dtype
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
     )
@@ -206,7 +204,10 @@ def _eval_fused(
         run = entry.runners[key] = ops.conv_runner(
             x, entry.weight, entry.bias, residual, relu, *_geometry(conv), inplace=inplace
         )
-    return run(x, residual, buffers)
+    out = run(x, residual, buffers)
+    if buffers is not None:
+        buffers.record(run, x, residual, out, (conv, bn, key))
+    return out
 
 
 # Plans per layer (input shapes x epilogues): a plan can hold a prepacked weight for its input shape,

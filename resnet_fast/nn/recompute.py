@@ -142,16 +142,22 @@ def max_pool2d(pool: nn.Module, x: Tensor) -> Tensor:
     """pool(x), keeping neither x nor the indices for the backward when x has a recipe; in a forward
     with private activations on the cpp backend, written into a kept buffer."""
     plain = type(pool) is nn.MaxPool2d and not (pool._forward_hooks or pool._forward_pre_hooks)
-    if not (plain and not pool.return_indices):
-        return pool(x)
     buffers = buffers_module.current()
+    if not (plain and not pool.return_indices):
+        if buffers is not None:
+            buffers.unrecordable()
+        return pool(x)
     if buffers is not None and _into_buffer(pool, x):
         k, s, p = (
             torch.nn.modules.utils._pair(v)
             for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
         )
         shape = [x.shape[0], x.shape[1], *((x.shape[i + 2] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2))]
-        return _ext.load().max_pool_cl(x, k, s, p, buffers.output(shape, x))
+        out = _ext.load().max_pool_cl(x, k, s, p, buffers.output(shape, x))
+        buffers.record(lambda x, residual, buffers: max_pool2d(pool, x), x, None, out, None)
+        return out
+    if buffers is not None:
+        buffers.unrecordable()
     if not _usable(x):
         return pool(x)
     return _MaxPool.apply(x, pool)

@@ -38,6 +38,9 @@ class Buffers:
         # The backend this forward's fused layers run on, resolved once when it starts (None: let each
         # layer resolve it, e.g. under autocast).
         self.backend: str | None = None
+        # While a forward is recorded for replay (nn.replay): per step, (plan, its input's, residual's
+        # and output's data pointers, the layer); None when not recording or when a step could not be.
+        self.recording: list[tuple] | None = None
 
     def start(self, x: Tensor, backend: str | None = None) -> None:
         """A forward with input x begins, its fused layers on `backend`."""
@@ -47,6 +50,16 @@ class Buffers:
             self._pool.clear()
             self._scratch = None
             self._input = key
+
+    def record(self, run, x: Tensor, residual: Tensor | None, out: Tensor, layer: tuple | None) -> None:
+        """A step of a recorded forward: run(x, residual, buffers) gave out (layer: (conv, bn, plan key))."""
+        if self.recording is not None:
+            ptr = None if residual is None else residual.data_ptr()
+            self.recording.append((run, x.data_ptr(), ptr, out.data_ptr(), layer))
+
+    def unrecordable(self) -> None:
+        """This forward took a step that cannot be replayed: no recording of it."""
+        self.recording = None
 
     def output(self, shape: list[int], like: Tensor) -> Tensor:
         """A channels_last tensor of this shape with like's dtype and device that no one else references."""

@@ -1,0 +1,112 @@
+"""A model's private forward, recorded once and then replayed: the same layer plans called in the same
+order, on the same kept buffers, without the Python between them (module calls, each layer's checks).
+
+Between the kernels that Python runs with cold caches: in a ResNet-50 forward at batch 1 on the Zen 3
+it took 3.3 ms outside the kernels (onnxruntime: ~0.5 ms outside its convolutions), where the same
+code in a hot loop takes under 1 ms. A replay checks once, at the start, in one loop, what each layer
+would have checked: the modules walked are the same objects (none replaced), every conv + BN is still
+plain, in eval mode, of the input's dtype, and its plan for this input is still the recorded one
+(fold.folded follows every parameter and buffer, so a changed weight makes a new fold without it).
+Any other outcome records the forward again.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .. import fold
+from .fused import _plain, _ready, private_activations
+
+
+@dataclass(frozen=True)
+class _Program:
+    modules: tuple[nn.Module, ...]  # walked when recorded, in order
+    runs: tuple[Callable[..., Tensor], ...]  # per step: run(x, residual, buffers), a plan or the pool
+    layers: tuple[tuple | None, ...]  # per step: (conv, bn, plan key) for a conv, else None
+    sources: tuple[tuple[int, int | None], ...]  # per step: its x and residual as step indices, -1 the input
+    drops: tuple[tuple[int, ...], ...]  # per step: the values whose last use it is (freed after it)
+
+
+# Per model: its programs by input shape, dtype, device and backend. Weakly keyed: they die with it.
+_PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Program]] = weakref.WeakKeyDictionary()
+
+
+def run_private(
+    owner: nn.Module, x: Tensor, features: Callable[[Tensor], Tensor], modules: Sequence[nn.Module]
+) -> Tensor:
+    """features(x) inside private_activations(owner, x), replayed from the recording of an earlier call
+    where that is still valid. `modules`: what features runs, walked in a fixed order."""
+    with private_activations(owner, x) as buffers:
+        key = (x.shape, x.dtype, x.device, buffers.backend)
+        programs = _PROGRAMS.setdefault(owner, {})
+        program = programs.pop(key, None)
+        if program is not None and _valid(program, modules, x):
+            programs[key] = program
+            return _replay(program, x, buffers)
+        buffers.recording = [] if buffers.backend not in (None, "torch") else None
+        out = features(x)
+        if buffers.recording:
+            program = _build(buffers.recording, x, out, modules)
+            if program is not None:
+                programs[key] = program
+        return out
+
+
+def _valid(program: _Program, modules: Sequence[nn.Module], x: Tensor) -> bool:
+    if len(modules) != len(program.modules) or any(
+        a is not b for a, b in zip(modules, program.modules, strict=True)
+    ):
+        return False
+    for run, layer in zip(program.runs, program.layers, strict=True):
+        if layer is not None:
+            conv, bn, key = layer
+            if not (_plain(conv, bn) and _ready(x.dtype, conv, bn)):
+                return False
+            if fold.folded(conv, bn, x.dtype).runners.get(key) is not run:
+                return False
+    return True
+
+
+def _build(recording: list[tuple], x: Tensor, out: Tensor, modules: Sequence[nn.Module]) -> _Program | None:
+    """The program of a recorded forward: each step's inputs are the outputs of the steps that last
+    wrote their memory (kept buffers are reused, and a block's last conv writes into its residual)."""
+    writer = {x.data_ptr(): -1}
+    sources = []
+    for i, (_, x_ptr, residual_ptr, out_ptr, _) in enumerate(recording):
+        if x_ptr not in writer or (residual_ptr is not None and residual_ptr not in writer):
+            return None  # an input made outside the recorded steps
+        sources.append((writer[x_ptr], None if residual_ptr is None else writer[residual_ptr]))
+        writer[out_ptr] = i
+    if writer.get(out.data_ptr()) != len(recording) - 1:
+        return None
+    last_use: dict[int, int] = {}
+    for i, source in enumerate(sources):
+        for s in source:
+            if s is not None and s >= 0:
+                last_use[s] = i
+    drops: list[list[int]] = [[] for _ in recording]
+    for s, i in last_use.items():
+        drops[i].append(s)
+    return _Program(
+        tuple(modules),
+        tuple(r[0] for r in recording),
+        tuple(r[4] for r in recording),
+        tuple(sources),
+        tuple(tuple(d) for d in drops),
+    )
+
+
+def _replay(program: _Program, x: Tensor, buffers) -> Tensor:
+    values: list[Tensor | None] = []
+    for run, (xs, rs), drops in zip(program.runs, program.sources, program.drops, strict=True):
+        a = x if xs < 0 else values[xs]
+        r = None if rs is None else (x if rs < 0 else values[rs])
+        values.append(run(a, r, buffers))
+        a = r = None  # as the forward drops them, so that kept buffers can be reused
+        for d in drops:
+            values[d] = None
+    return values[-1]
