@@ -1,9 +1,9 @@
 """A model's private forward, recorded once and then replayed: the same layer plans called in the same
 order, on the same kept buffers, without the Python between them (module calls, each layer's checks).
 
-Between the kernels that Python runs with cold caches: in a ResNet-50 forward at batch 1 on the Zen 3
-it took 3.3 ms outside the kernels (onnxruntime: ~0.5 ms outside its convolutions), where the same
-code in a hot loop takes under 1 ms. A replay checks once, at the start, in one loop, what each layer
+Between the kernels that Python runs with cold caches: benchmarks/cpu_layers.py put 3.7 ms of a
+batch-1 ResNet-50 forward outside the convolutions on the Zen 3 (onnxruntime: 0.5-0.7 ms outside its
+convolution nodes), several times what the same code takes in a hot loop. A replay checks once, at the start, in one loop, what each layer
 would have checked: the modules walked are the same objects (none replaced), every conv + BN is still
 plain, in eval mode, of the input's dtype, and its plan for this input is still the recorded one
 (fold.folded follows every parameter and buffer, so a changed weight makes a new fold without it).
