@@ -123,14 +123,15 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         for name in kernels:
             slot.pop((name,), None)  # our packed weight, if measured: not needed
         return library
-    slot.pop(key, None)  # oneDNN's, if measured (a Winograd plan's fallback keeps its own reference)
+    slot.pop(key, None)  # oneDNN's, if measured: only a Winograd plan keeps it (its fallback)
     kernel = kernels[path]
     all_finite = C.all_finite
+    # Winograd's transforms mix a 4x4 patch: one Inf or NaN would reach outputs that torch keeps finite.
+    fallback = onednn if path == "winograd" else None
 
     def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
-        if path == "winograd" and not all_finite(x):
-            # Its transforms mix a 4x4 patch: one Inf or NaN would reach outputs that torch keeps finite.
-            return onednn(x, residual)
+        if fallback is not None and not all_finite(x):
+            return fallback(x, residual)
         # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
         if residual is not None:
             residual = residual.contiguous(memory_format=_CL)

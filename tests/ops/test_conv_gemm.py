@@ -339,6 +339,39 @@ def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chose
     assert kinds == ({"winograd"} if path == "winograd" else {"cpp"})  # "cpp": oneDNN's prepacked weight
 
 
+@pytest.mark.parametrize("kernel", [1, 3])  # a 1x1 layer: the GEMM; a 3x3 stride-1 layer: Winograd
+def test_only_a_winograd_plan_keeps_onednns_pack(monkeypatch, kernel):
+    """After both paths ran in the measurement and ours won, oneDNN's prepacked weight is freed, except
+    where Winograd keeps it for inputs with Inf/NaN."""
+    import gc
+    import weakref
+
+    packs = []
+    prepack = _C.prepack_conv_weight
+
+    def recorded(*args):
+        packed = prepack(*args)
+        packs.append(weakref.ref(packed))
+        return packed
+
+    def choose(key, run, cache=None):
+        for fn in run.values():
+            fn()
+        return next(p for p in run if p != "onednn")
+
+    monkeypatch.setattr(_C, "prepack_conv_weight", recorded)
+    monkeypatch.setattr(layer_choice, "choose_cpu", choose)
+    resnet_fast.set_backend("cpp")
+    conv = torch.nn.Conv2d(16, 32, kernel, padding=kernel // 2, bias=False).eval()
+    bn = torch.nn.BatchNorm2d(32).eval()
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        resnet_fast.nn.conv_bn_act(x, conv, bn)
+    gc.collect()
+    assert len(packs) == 1
+    assert (packs[0]() is not None) == (kernel == 3)
+
+
 def test_only_fitting_layers_are_candidates(_always_ours):
     conv = torch.nn.Conv2d(32, 24, 1, bias=False).eval()  # 24 output channels: not a multiple of 16
     bn = torch.nn.BatchNorm2d(24).eval()
