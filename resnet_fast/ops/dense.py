@@ -42,10 +42,16 @@ def linear(x: Tensor, fc: nn.Linear) -> Tensor:
     known = _PLANS.get(fc)
     if known is None or known[0] != key:
         known = _PLANS[fc] = (key, {})
-    run = known[1].get(x.shape)
+    plans = known[1]
+    run = plans.get(x.shape)
     if run is None:
-        run = known[1][x.shape] = _plan(C, x, w, b)
+        if len(plans) >= _MAX_PLANS:
+            del plans[next(iter(plans))]  # the oldest
+        run = plans[x.shape] = _plan(C, x, w, b)
     return run(x)
+
+
+_MAX_PLANS = 4  # input shapes per Linear, as nn.fused keeps per conv
 
 
 def _plan(C, x: Tensor, w: Tensor, b: Tensor | None) -> Callable[[Tensor], Tensor]:

@@ -65,7 +65,10 @@ def test_plans_follow_the_weights(_gemm_chosen):
         _close(fused.linear(x, fc), x, fc)
         x3 = torch.randn(3, 64)  # another input shape: its own plan
         _close(fused.linear(x3, fc), x3, fc)
-    assert len(dense._PLANS[fc][1]) == 2
+        for batch in range(4, 10):  # more shapes than plans kept: the oldest go
+            xb = torch.randn(batch, 64)
+            _close(fused.linear(xb, fc), xb, fc)
+    assert list(dense._PLANS[fc][1]) == [torch.Size([b, 64]) for b in range(6, 10)]
 
 
 def test_nan_and_inf_reach_the_outputs_torch_gives(_gemm_chosen):
