@@ -106,7 +106,7 @@ def conv_bn_act(
 
 def linear(x: Tensor, fc: nn.Module) -> Tensor:
     """fc(x), through resnet_fast.ops.linear (our GEMM where it is faster) for a plain, unhooked
-    nn.Linear at eager CPU inference on the cpp backend; else fc(x) itself."""
+    nn.Linear in eager mode on the cpp backend, autocast off; else fc(x) itself."""
     hooked = fc._forward_hooks or fc._forward_pre_hooks
     hooked = hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     if (
@@ -118,13 +118,9 @@ def linear(x: Tensor, fc: nn.Module) -> Tensor:
         or torch.compiler.is_exporting()  # an exported graph keeps torch's Linear
         or torch.jit.is_tracing()
         or torch.is_autocast_enabled("cpu")
-        or (
-            torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, fc.weight, fc.bias))
-        )
     ):
         return fc(x)
-    return ops.linear(x, fc)
+    return ops.linear(x, fc)  # F.linear itself where autograd is wanted
 
 
 def _train_fused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Tensor | None, relu: bool) -> Tensor:

@@ -1,6 +1,6 @@
 """A classifier's nn.Linear at CPU inference: torch's F.linear, or our GEMM (csrc/cpu/conv_gemm.cpp's
 1x1-convolution kernel, the weight packed once into 16-column panels), whichever layer_choice measured
-faster for this shape on this CPU. ResNet-50's fc reads a 8 MB weight for a few rows of input (Zen 3,
+faster for this shape on this CPU. ResNet-50's fc reads an 8 MB weight for a few rows of input (Zen 3,
 2 threads: 0.41 vs 0.54 ms at batch 1, 0.50 vs 1.36 ms at batch 8, in an ad-hoc timing)."""
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ _PLANS: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, dict]] = weakref.WeakK
 
 
 def linear(x: Tensor, fc: nn.Linear) -> Tensor:
-    """fc(x) for a 2-D input without autograd; our GEMM where it runs (float32, CPU with AVX2 + FMA)
-    and layer_choice found it faster. A changed weight or bias (in place or replaced) makes a new plan."""
+    """fc(x): on our GEMM where it runs (float32, 2-D, CPU with AVX2 + FMA, no autograd wanted) and
+    layer_choice found it faster, else F.linear. A changed weight or bias (in place or replaced) makes a
+    new plan."""
     C = _ext.load()
     w, b = fc.weight, fc.bias
     if (
         C is None
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)))
         or x.device.type != "cpu"
         or x.dim() != 2
         or x.dtype != torch.float32
