@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <vector>
@@ -192,6 +193,17 @@ int64_t even_rows(int64_t m_total) {
   return ((m_total + tiles - 1) / tiles + MR - 1) / MR * MR;
 }
 
+// Runs per_thread(take) on every thread, where take() returns the next task of [0, n) not yet taken
+// (n or more when none is left): when the host slows one core (a VM sharing its cores), the other
+// threads take its remaining tasks instead of waiting for it at the end, as they do after a static
+// split (onnxruntime's thread pool shares work the same way).
+template <typename F>
+void share_tasks(int64_t n, const F& per_thread) {
+  std::atomic<int64_t> next{0};
+  auto take = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) { per_thread(take); });
+}
+
 struct Geometry {
   int64_t n, cin, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cout;
 };
@@ -312,10 +324,11 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t want = 32 * at::get_num_threads();
   const int64_t groups = std::min(panels, std::max<int64_t>(1, (want + tiles - 1) / tiles));
   const int64_t per_group = (panels + groups - 1) / groups;
-  at::parallel_for(0, tiles * groups, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = tiles * groups;
+  share_tasks(tasks, [&](const auto& take) {
     // Per micro-tile row block, the rows' input pixels per tap ([tap][row]), resolved once per task.
     std::vector<const float*> rows_x(mt * taps);
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task = take(); task < tasks; task = take()) {
       const int64_t m0 = (task / groups) * mt, m1 = std::min(m_total, m0 + mt);
       const int64_t p0 = (task % groups) * per_group, p1 = std::min(panels, p0 + per_group);
       for (int64_t r = m0; r < m1; r += MR) {
@@ -527,8 +540,8 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { winograd_input(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
   const float* up = packed.const_data_ptr<float>();
   const int64_t mt = even_rows(tiles), row_tiles = (tiles + mt - 1) / mt;
-  at::parallel_for(0, 16 * row_tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
+  share_tasks(16 * row_tiles, [&](const auto& take) {
+    for (int64_t task = take(); task < 16 * row_tiles; task = take()) {
       const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * mt, m1 = std::min(tiles, m0 + mt);
       const float* a_base = vp + pos * tiles * cin;
       float* c_base = mp + pos * tiles * cout;
