@@ -317,9 +317,9 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   // panels: about 32 tasks per thread, so that the threads finish together (ResNet-50's 1x1 layers
   // to 1024/2048 channels at batch 8, Zen 3: 1.01-1.16x oneDNN's time with 8 per thread in one run,
   // 0.76-1.15x with 32 in two; the per-layer choice keeps oneDNN where it still wins).
-  // Row tiles of at most MT rows, evened out (196 rows: 66 + 66 + 64, not 96 + 96 + 4): the threads
-  // take equal shares of tasks, so one short tile would leave a thread idle (ResNet-50's 1x1 layers to
-  // 1024 channels at batch 1 ran at 0.65x onnxruntime's speed with the short tile).
+  // Row tiles of at most MT rows, evened out (196 rows: 66 + 66 + 64, not 96 + 96 + 4): tasks of equal
+  // size balance the threads (under a static split of the tasks, ResNet-50's 1x1 layers to 1024
+  // channels at batch 1 ran at 0.65x onnxruntime's speed with the short tile).
   const int64_t mt = even_rows(m_total), tiles = (m_total + mt - 1) / mt;
   const int64_t want = 32 * at::get_num_threads();
   const int64_t groups = std::min(panels, std::max<int64_t>(1, (want + tiles - 1) / tiles));
