@@ -9,9 +9,9 @@ torch._inductor.config.freezing = True (channels_last), all in one process.
 INFERENCE_PRECISION_HINT set to the dtype compared: it runs bf16 by itself on AVX512_BF16 CPUs)
 on the same torchvision weights (`pip install -e ".[peers]"`); the same builders as `resnet-fast bench --peers`.
 
-Every measurement is the median over interleaved rounds (resnet_fast._timing), each timed call right
-after an untimed one of the same contender (onnxruntime's spinning threads would otherwise slow
-whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
+Every measurement is the median over interleaved rounds (resnet_fast._timing), each contender's turn
+after 0.2 s idle and each timed call right after an untimed one of the same contender (onnxruntime's
+spinning threads would otherwise slow whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
 times are measured on fresh models: ours folds and prepacks every layer on its first call (once with
 an empty layer-choice cache, every distinct conv shape timed then; once with the choices cached),
 compile+freezing compiles on its own.
@@ -38,6 +38,7 @@ from resnet_fast.ops import conv_route, layer_choice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
+SETTLE_S = 0.2  # idle before each contender's turn: other engines' worker threads stop spinning
 
 
 def _models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -68,7 +69,7 @@ def _run(label: str, fns: dict, rounds: int) -> dict:
     cpu = torch.device("cpu")
     for fn in fns.values():  # settle allocators and caches before timing
         fn()
-    times = _timing.interleaved(fns, rounds, cpu, after_itself=True)
+    times = _timing.interleaved(fns, rounds, cpu, after_itself=True, settle=SETTLE_S)
     stats = {name: _timing.summarize(t) for name, t in times.items()}
     ours = stats["resnet_fast"]["median_ms"]
     print(f"\n{label}")

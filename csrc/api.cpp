@@ -360,6 +360,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("t"));
   m.def("conv_gemm_supported", &resnet_fast::cpu::conv_gemm_supported,
         "whether conv_gemm_bias_act runs here (x86-64 CPU with AVX2 + FMA)");
+  m.def("conv_gemm_isa", &resnet_fast::cpu::conv_gemm_isa,
+        "the micro-kernel conv_gemm_bias_act and Winograd run here: 'avx512f', 'avx2+fma' or 'none' "
+        "(RESNET_FAST_CPU_ISA=avx2 keeps AVX2 on an AVX-512 CPU)");
   m.def("pack_conv_gemm_weight", &resnet_fast::cpu::pack_conv_gemm_weight,
         "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act", py::arg("w"));
   m.def("conv_gemm_bias_act", &resnet_fast::cpu::conv_gemm_bias_act,

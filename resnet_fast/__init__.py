@@ -20,7 +20,7 @@ def explain(model, input_shape, device=None) -> list[dict]:
 
 def info() -> dict:
     """Versions, devices, and which backends are usable here (and why not)."""
-    from .info import info as _info
+    from ._info import info as _info
 
     return _info()
 

@@ -7,7 +7,11 @@ the figure is the median over rounds. GPU work is synchronized before each clock
 against other libraries on the CPU time each call right after an untimed call of the same contender
 (`after_itself`): onnxruntime's worker threads spin on after a run (5 ticks = 50 ms of CPU time in the
 0.5 s after one ResNet-50 batch-8 run, none after ours; Zen 3, 2 cores), which slowed the forward that
-came next by 9% — a cost a server running one engine never pays.
+came next by 9% — a cost a server running one engine never pays. That spin outlasts a batch-1 call, so
+such comparisons also leave the machine idle for a moment (`settle`) before each contender's calls: on
+the Zen 4, onnxruntime's workers used 40-50 ms of CPU in the 0.05-0.1 s after a batch-1 run, and our
+batch-1 forward, timed after itself between onnxruntime's and OpenVINO's, took 60.8 ms against 46.9-51.2
+ms alone in the same process (onnxruntime 52.9 against 49.9; /tmp/coexist.py, ad hoc).
 """
 
 from __future__ import annotations
@@ -123,13 +127,17 @@ def interleaved(
     device: torch.device,
     on_call: Callable[[str], None] | None = None,
     after_itself: bool = False,
+    settle: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each fn over `rounds` rounds; each round calls every fn once, order rotated.
-    With `after_itself`, each timed call follows an untimed call of the same fn (see the module docstring)."""
+    With `after_itself`, each timed call follows an untimed call of the same fn; with `settle`, each
+    contender's turn starts after that many idle seconds (see the module docstring)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if settle:
+                time.sleep(settle)
             if after_itself:
                 fns[name]()
             times[name].append(timed(fns[name], device))

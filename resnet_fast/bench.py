@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
             "contenders": {n: CONTENDERS[n] for n in names},
             "timing": "one process, rounds interleaved (order rotated), median over rounds"
             + (
-                "; each timed call after an untimed one of the same contender"
+                "; each contender's turn after 0.2 s idle, each timed call after an untimed one of the same "
+                "contender"
                 if any(n in PEERS for n in names)
                 else ""
             ),
@@ -299,7 +300,7 @@ def _measure(
     # Another library's threads spinning after its call would be charged to the next contender.
     peers = any(name in PEERS for name in names)
     times = _timing.interleaved(
-        steps, args.iters, s.device, on_call=lambda _: bar.update(), after_itself=peers
+        steps, args.iters, s.device, on_call=lambda _: bar.update(), after_itself=peers, settle=0.2 * peers
     )
     rows = []
     for name in names:

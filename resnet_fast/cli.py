@@ -10,7 +10,7 @@ from . import bench, export, train, train_images, validate
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import format_info, info
+    from ._info import format_info, info
 
     data = info()
     if args.model:

@@ -18,6 +18,7 @@ with the folded weight, so it is refreshed whenever the fold is.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +133,13 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
         weight, bias = fold_conv_bn(*srcs, bn.eps, dtype)
     entry = Folded(weight, bias)
     if key is None:
+        warnings.warn(
+            "resnet_fast: this model's parameters are inference tensors (made under torch.inference_mode), "
+            "which have no version counter, so BN folds and prepacked weights cannot be cached: every call "
+            "folds and packs again, several times slower. Create the model outside inference_mode (calling "
+            "it inside is fine).",
+            stacklevel=3,
+        )
         return entry
     if cache is None:
         cache = _Cache()

@@ -172,7 +172,10 @@ def test_bench_peers(capsys, tmp_path):
     doc = json.loads(path.read_text())
     rows = {r["contender"]: r for r in doc["results"]}
     assert rows["onnxruntime"]["peak_memory_bytes"] is None and rows["openvino"]["img_per_s"] > 0
-    assert "after an untimed one of the same contender" in doc["settings"]["timing"]
+    assert (
+        "after 0.2 s idle, each timed call after an untimed one of the same contender"
+        in (doc["settings"]["timing"])
+    )
 
 
 def test_interleaved_timing_after_itself():
@@ -184,6 +187,14 @@ def test_interleaved_timing_after_itself():
     calls.clear()
     _timing.interleaved(fns, 2, torch.device("cpu"))
     assert calls == ["a", "b", "b", "a"]
+
+
+def test_interleaved_timing_settles_before_each_turn(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_timing.time, "sleep", lambda s: calls.append(("idle", s)))
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    _timing.interleaved(fns, 1, torch.device("cpu"), after_itself=True, settle=0.2)
+    assert calls == [("idle", 0.2), "a", "a", ("idle", 0.2), "b", "b"]
 
 
 # --- validate -------------------------------------------------------------------------------------

@@ -130,3 +130,9 @@ def test_package_works_without_the_extension():
     extension, choice = json.loads(state)
     assert not extension["usable"] and "RESNET_FAST_SKIP_EXT" in extension["why not"]
     assert choice["cpu"] == "torch"
+
+
+def test_info_can_be_called_again():
+    # The report's module once had the function's name: importing it replaced resnet_fast.info.
+    first = resnet_fast.info()
+    assert callable(resnet_fast.info) and resnet_fast.info().keys() == first.keys()

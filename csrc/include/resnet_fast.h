@@ -48,6 +48,9 @@ void set_conv_route(const std::string& route);
 // implicit GEMM with the epilogue in registers, NaN kept by its ReLU (conv_gemm.cpp; checks its own
 // arguments). AVX2 + FMA CPUs only.
 bool conv_gemm_supported();
+// The micro-kernel those run here: "avx512f" (AVX-512F CPUs unless RESNET_FAST_CPU_ISA=avx2),
+// "avx2+fma", or "none".
+std::string conv_gemm_isa();
 // w [Cout, Cin, KH, KW] float32 (Cout a multiple of 16) -> [Cout/16, KH, KW, Cin, 16] panels.
 at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
 // out: where to write (channels_last, the output's shape; may be the residual itself), else fresh.

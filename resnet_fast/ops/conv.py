@@ -147,7 +147,7 @@ def _own_kernels(
     C, slot, x, w, b, relu, stride, padding, dilation, groups
 ) -> dict[str, Callable[..., Tensor]]:
     """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
-    take float32, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA, and a folded,
+    take float32, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where present), and a folded,
     finite weight (packed once, kept beside it). A 3x3 stride-1 layer gets Winograd instead of the implicit
     GEMM (which it beats on every ResNet shape measured); a layer with few input channels (the stem's 3)
     gets the GEMM over kernel rows ("gemm_rows"); other shapes get the GEMM."""

@@ -45,6 +45,7 @@ GEMM_SHAPES = [
     (1, 24, 32, 7, 7, 3, 1, 2, 2),
     (2, 3, 64, 20, 22, 7, 2, 3, 1),
     (1, 16, 64, 14, 14, 1, 1, 0, 1),  # 196 rows: tasks of 66, 66 and 64 rows
+    (1, 40, 112, 7, 7, 1, 1, 0, 1),  # 7 panels: AVX-512 tiles of 4 panels and of 3
 ]
 # (batch, cin, cout, h, w, kernel, stride, padding) for the GEMM over kernel rows ("gemm_rows", layers
 # with fewer than 8 input channels): the stem, MNIST's 1-channel first conv, no padding, stride 3.
@@ -61,6 +62,19 @@ WINOGRAD_SHAPES = [
     (2, 296, 32, 5, 7, 0),
     (1, 512, 48, 7, 7, 1),
 ]
+
+
+@pytest.fixture(params=["avx2+fma", "avx512f"])
+def isa(request, monkeypatch):
+    """Each micro-kernel in turn: AVX2's (forced by RESNET_FAST_CPU_ISA=avx2 on an AVX-512 CPU), and
+    AVX-512's where the CPU has it."""
+    monkeypatch.delenv("RESNET_FAST_CPU_ISA", raising=False)
+    if request.param == "avx2+fma":
+        monkeypatch.setenv("RESNET_FAST_CPU_ISA", "avx2")
+    elif _C.conv_gemm_isa() != "avx512f":
+        pytest.skip("this CPU has no AVX-512F: the AVX-512 micro-kernel cannot run here")
+    assert _C.conv_gemm_isa() == request.param
+    return request.param
 
 
 def _case(batch, cin, cout, h, w, k, stride, padding, dilation, residual):
@@ -109,7 +123,7 @@ def _winograd(x, weight, bias, res, relu, p, out=None, workspace=None):
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("relu", [True, False])
-def test_gemm_matches_float64_reference(shape, residual, relu):
+def test_gemm_matches_float64_reference(isa, shape, residual, relu):
     x, weight, bias, res = _case(*shape, residual)
     s, p, d = shape[-3:]
     _close(_gemm(x, weight, bias, res, relu, s, p, d), _reference(x, weight, bias, res, relu, s, p, d))
@@ -118,7 +132,7 @@ def test_gemm_matches_float64_reference(shape, residual, relu):
 @pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("relu", [True, False])
-def test_winograd_matches_float64_reference(shape, residual, relu):
+def test_winograd_matches_float64_reference(isa, shape, residual, relu):
     batch, cin, cout, h, w, p = shape
     x, weight, bias, res = _case(batch, cin, cout, h, w, 3, 1, p, 1, residual)
     _close(_winograd(x, weight, bias, res, relu, p), _reference(x, weight, bias, res, relu, 1, p, 1))
@@ -126,7 +140,7 @@ def test_winograd_matches_float64_reference(shape, residual, relu):
 
 @pytest.mark.parametrize("shape", ROWS_SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_gemm_over_kernel_rows_matches_float64_reference(shape, residual):
+def test_gemm_over_kernel_rows_matches_float64_reference(isa, shape, residual):
     batch, cin, cout, h, w, k, stride, padding = shape
     x, weight, bias, res = _case(batch, cin, cout, h, w, k, stride, padding, 1, residual)
     geometry = ([stride] * 2, [padding] * 2, [1, 1])
@@ -155,7 +169,7 @@ def test_without_bias():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["input", "residual"])
-def test_gemm_puts_nan_and_inf_where_torch_does(value, where):
+def test_gemm_puts_nan_and_inf_where_torch_does(isa, value, where):
     """The ReLU keeps NaN (torch.relu does; oneDNN's ReLU post-op would give 0), -Inf becomes 0. (A
     non-finite weight never reaches the kernel: see test_only_fitting_layers_are_candidates.)"""
     x, weight, bias, res = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True)
@@ -190,7 +204,7 @@ def test_winograd_layer_puts_nan_and_inf_where_torch_does(_always_ours, value, w
 
 @pytest.mark.parametrize("kernel", ["gemm", "winograd"])
 @pytest.mark.parametrize("cin", [32, 600])  # one K block, three
-def test_writes_into_the_residual_or_a_given_buffer(kernel, cin):
+def test_writes_into_the_residual_or_a_given_buffer(isa, kernel, cin):
     x, weight, bias, res = _case(2, cin, 48, 6, 6, 3, 1, 1, 1, True)
 
     def run(res, out=None):
@@ -389,10 +403,9 @@ def test_only_fitting_layers_are_candidates(_always_ours):
     assert _always_ours == []
 
 
-def test_info_names_the_candidates():
-    assert resnet_fast.info()["cpp conv route"]["cpu float32 own kernels"].startswith(
-        "oneDNN, the implicit GEMM"
-    )
+def test_info_names_the_candidates(isa):
+    own = resnet_fast.info()["cpp conv route"]["cpu float32 own kernels"]
+    assert own.startswith("oneDNN, the implicit GEMM") and f"({isa} micro-kernel" in own
 
 
 def _in_place_plans(model) -> int:
