@@ -363,10 +363,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_gemm_isa", &resnet_fast::cpu::conv_gemm_isa,
         "the micro-kernel conv_gemm_bias_act and Winograd run here: 'avx512f', 'avx2+fma' or 'none' "
         "(RESNET_FAST_CPU_ISA=avx2 keeps AVX2 on an AVX-512 CPU)");
+  m.def("conv_gemm_bf16_supported", &resnet_fast::cpu::conv_gemm_bf16_supported,
+        "whether conv_gemm_bias_act takes bfloat16 here (a CPU with AVX512_BF16)");
   m.def("pack_conv_gemm_weight", &resnet_fast::cpu::pack_conv_gemm_weight,
-        "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act", py::arg("w"));
+        "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act; bfloat16 (Cin "
+        "even) -> [Cout/16, KH, KW, Cin/2, 16, 2]",
+        py::arg("w"));
   m.def("conv_gemm_bias_act", &resnet_fast::cpu::conv_gemm_bias_act,
-        "act(conv2d(x, w) + b (+ residual)) on float32 with contiguous channels (channels_last, or any view whose "
+        "act(conv2d(x, w) + b (+ residual)) on float32 (or bfloat16 with a float32 b, AVX512_BF16) with contiguous channels (channels_last, or any view whose "
         "pixels are read through its strides; groups 1), one implicit GEMM with the epilogue fused; written into out "
         "when given (out may be the residual itself)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),

@@ -66,6 +66,11 @@ def _own_kernels(module) -> str:
         f"oneDNN, the implicit GEMM, or Winograd F(2x2, 3x3) for 3x3 stride-1 layers ({module.conv_gemm_isa()} "
         "micro-kernel; groups 1, output channels a multiple of 16), whichever measured faster per layer shape; "
         f"choices in {layer_choice.cache_file('cpu')}"
+        + (
+            "; bfloat16: oneDNN or the implicit GEMM on AVX512_BF16"
+            if module.conv_gemm_bf16_supported()
+            else ""
+        )
     )
 
 

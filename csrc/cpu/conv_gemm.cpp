@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -47,6 +49,15 @@ constexpr int64_t KC = 256;  // K block (input channels): a 16 KB B panel block 
 constexpr int64_t MT = 96;   // rows per task: 16 micro-tiles reuse each B panel block from L1
 
 constexpr int64_t NP512 = 4;  // panels per AVX-512 tile
+
+bool cpu_has_avx512_bf16() {
+#if RF_HAVE_CONV_GEMM
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool cpu_has_avx2_fma() {
 #if RF_HAVE_CONV_GEMM
@@ -322,6 +333,90 @@ void panel_tile(bool wide, const float* const* a, int64_t taps, int64_t cin, int
                res ? rj : nullptr, relu);
   }
 }
+
+// The bfloat16 micro-kernel (AVX512_BF16): the same R x (NP x 16) tile as micro_tile_avx512, each
+// step a pair of input channels: one 32-bit broadcast of the row's two bfloat16 values, and per panel
+// vdpbf16ps adds both products to the float32 sums (the packed weight holds channel pairs,
+// [taps][cin/2][16][2]). All of K in one call (the output is bfloat16: no partial sums through it);
+// bias, residual and ReLU on the float32 sums, rounded to bfloat16 once, at the store.
+__attribute__((target("avx512f"))) inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int R, int NP>
+__attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_t* const* a, int64_t taps, int64_t cin,
+                                                                   const uint16_t* bp, int64_t pstride, uint16_t* const* c,
+                                                                   const float* bias, const uint16_t* const* res,
+                                                                   bool relu) {
+  __m512 acc[R][NP];
+  if (res) {  // read after the K loop: prefetched now (NP x 32 bytes a row)
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j += 2) _mm_prefetch(reinterpret_cast<const char*>(res[i] + j * NR), _MM_HINT_T0);
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) acc[i][j] = bias ? _mm512_loadu_ps(bias + j * NR) : _mm512_setzero_ps();
+  const int64_t pairs = cin / 2;
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* ar[R];
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) ar[i] = a[t * MR + i];
+    const uint16_t* bt = bp + t * cin * NR;
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < pairs; ++k) {
+      __m512bh b[NP];
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bt + j * pstride + k * 2 * NR);
+#pragma GCC unroll 6
+      for (int i = 0; i < R; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, ar[i] + 2 * k, sizeof(pair));
+        const __m512bh v = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], v, b[j]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) {
+      if (res) acc[i][j] = _mm512_add_ps(acc[i][j], bf16x16_to_ps(res[i] + j * NR));
+      if (relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile6
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[i] + j * NR), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+    }
+  }
+}
+
+template <int R>
+void micro_tile_bf16_rows(int64_t np, const uint16_t* const* a, int64_t taps, int64_t cin, const uint16_t* bp,
+                          int64_t pstride, uint16_t* const* c, const float* bias, const uint16_t* const* res,
+                          bool relu) {
+  switch (np) {
+    case 1: return micro_tile_bf16<R, 1>(a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 2: return micro_tile_bf16<R, 2>(a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 3: return micro_tile_bf16<R, 3>(a, taps, cin, bp, pstride, c, bias, res, relu);
+    default: return micro_tile_bf16<R, 4>(a, taps, cin, bp, pstride, c, bias, res, relu);
+  }
+}
+
+// One bfloat16 tile of `rows` <= MR rows and np <= NP512 panels.
+void panel_tile_bf16(const uint16_t* const* a, int64_t taps, int64_t cin, const uint16_t* bp, int64_t pstride,
+                     int64_t np, uint16_t* const* c, int64_t rows, const float* bias, const uint16_t* const* res,
+                     bool relu) {
+  switch (rows) {
+    case 1: return micro_tile_bf16_rows<1>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 2: return micro_tile_bf16_rows<2>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 3: return micro_tile_bf16_rows<3>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 4: return micro_tile_bf16_rows<4>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+    case 5: return micro_tile_bf16_rows<5>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+    default: return micro_tile_bf16_rows<6>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
+  }
+}
 #endif
 
 // Rows per task: at most MT, evened out over the tasks (a multiple of MR).
@@ -350,8 +445,9 @@ Geometry check_args(const char* op, const at::Tensor& x, int64_t kh, int64_t kw,
                     const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& residual,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(conv_gemm_supported(), op, ": this CPU has no AVX2 + FMA (or this build no x86-64 kernel)");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
-              op, ": expected a 4-D float32 CPU input, got ", x.scalar_type(), " on ", x.device(),
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) && x.dim() == 4,
+              op, ": expected a 4-D float32 or bfloat16 CPU input, got ", x.scalar_type(), " on ", x.device(),
               " with ", x.dim(), " dims");
   // Channels adjacent in memory; the pixels may lie anywhere (conv_gemm_bias_act reads them through x's
   // strides; Winograd checks for channels_last itself).
@@ -369,10 +465,10 @@ Geometry check_args(const char* op, const at::Tensor& x, int64_t kh, int64_t kw,
                 op, ": b must be a contiguous float32 CPU tensor of ", g.cout, " values");
   }
   if (residual.has_value()) {
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
+    TORCH_CHECK(residual->scalar_type() == dtype && residual->device().is_cpu() &&
                     residual->sizes() == at::IntArrayRef({g.n, g.cout, g.oh, g.ow}) &&
                     residual->is_contiguous(at::MemoryFormat::ChannelsLast),
-                op, ": residual must be a channels_last float32 CPU tensor of the output's shape");
+                op, ": residual must be a channels_last CPU tensor of the output's shape in x's dtype ", dtype);
   }
   return g;
 }
@@ -384,11 +480,12 @@ at::Tensor output_for(const char* op, const at::Tensor& x, const std::optional<a
   at::Tensor out;
   if (out_.has_value()) {
     out = *out_;
-    TORCH_CHECK(out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+    TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device().is_cpu() &&
                     out.sizes() == at::IntArrayRef({g.n, g.cout, g.oh, g.ow}) &&
                     out.is_contiguous(at::MemoryFormat::ChannelsLast),
-                op, ": out must be a channels_last float32 CPU tensor of the output's shape ",
-                at::IntArrayRef({g.n, g.cout, g.oh, g.ow}), ", got ", out.sizes());
+                op, ": out must be a channels_last CPU tensor of the output's shape ",
+                at::IntArrayRef({g.n, g.cout, g.oh, g.ow}), " in x's dtype ", x.scalar_type(), ", got ", out.sizes(),
+                " ", out.scalar_type());
     // Each tile reads its residual rows before writing them, so out may be the residual itself; it
     // may not share memory with x (read by every tile) or partly overlap the residual.
     at::assert_no_overlap(out, x);
@@ -399,53 +496,27 @@ at::Tensor output_for(const char* op, const at::Tensor& x, const std::optional<a
   return out;
 }
 
-}  // namespace
-
-bool conv_gemm_supported() { return RF_HAVE_CONV_GEMM && cpu_has_avx2_fma(); }
-
-std::string conv_gemm_isa() {
-  if (!conv_gemm_supported()) return "none";
-  return use_avx512() ? "avx512f" : "avx2+fma";
-}
-
-at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kFloat,
-              "pack_conv_gemm_weight: expected a float32 [Cout, Cin, KH, KW] weight, got ", w.sizes(), " ",
-              w.scalar_type());
-  TORCH_CHECK(w.size(0) % NR == 0, "pack_conv_gemm_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
-  // [Cout, Cin, KH, KW] -> [Cout/16, 16, Cin, KH, KW] -> [Cout/16, KH, KW, Cin, 16]
-  return w.reshape({w.size(0) / NR, NR, w.size(1), w.size(2), w.size(3)}).permute({0, 3, 4, 2, 1}).contiguous();
-}
-
-at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out_) {
-  const char* name = "conv_gemm_bias_act";
-  TORCH_CHECK(packed.dim() == 5 && packed.size(4) == NR && packed.size(3) == x.size(1) &&
-                  packed.scalar_type() == at::kFloat && packed.is_contiguous(),
-              name, ": weight not packed by pack_conv_gemm_weight for ", x.size(1), " input channels");
-  const Geometry g =
-      check_args(name, x, packed.size(1), packed.size(2), packed.size(0) * NR, b, residual, stride, padding, dilation);
-  at::Tensor out = output_for(name, x, residual, g, out_);
 #if RF_HAVE_CONV_GEMM
+// The implicit GEMM's tasks, for T = float (the AVX2 or AVX-512 micro-kernel, K in blocks of KC) or
+// T = uint16_t holding bfloat16 (the AVX512_BF16 one, K in one block: partial sums stay in registers).
+template <typename T>
+void gemm_tasks(const Geometry& g, const at::Tensor& x, const T* wp, int64_t panels, const float* bp, const T* rp,
+                T* op, bool relu) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout;
-  const int64_t panels = packed.size(0), m_total = g.n * g.oh * g.ow;
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = packed.const_data_ptr<float>();
-  const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
-  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
+  const int64_t m_total = g.n * g.oh * g.ow;
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
   const bool padded = g.ph > 0 || g.pw > 0;
-  const std::vector<float> zeros(padded ? cin : 0, 0.f);  // the input row a tap in the padding reads
+  const std::vector<T> zeros(padded ? cin : 0, T(0));  // the input row a tap in the padding reads
   // Row m's input pixel under each tap (channels_last: a pixel's channels are contiguous), into
   // dst[t * stride] for t in [0, taps): the divisions once per row, not per tap.
   // Through x's strides: a strided view whose pixels overlap serves too (ops/conv.py's stem path
   // reads a kernel row's taps as one pixel of KW x Cin channels).
   const int64_t s_img = x.stride(0), s_y = x.stride(2), s_x = x.stride(3);
-  auto x_rows = [&](int64_t m, const float** dst, int64_t stride) {
+  auto x_rows = [&](int64_t m, const T** dst, int64_t stride) {
     const int64_t img = m / (g.oh * g.ow), rem = m % (g.oh * g.ow);
     const int64_t y0 = (rem / g.ow) * g.sh - g.ph, x0 = (rem % g.ow) * g.sw - g.pw;
-    const float* image = xp + img * s_img;
+    const T* image = xp + img * s_img;
     for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
       const int64_t iy = y0 + ky * g.dh;
       for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
@@ -462,8 +533,9 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   // Row tiles of at most MT rows, evened out (196 rows: 66 + 66 + 64, not 96 + 96 + 4): tasks of equal
   // size balance the threads (under a static split of the tasks, ResNet-50's 1x1 layers to 1024
   // channels at batch 1 ran at 0.65x onnxruntime's speed with the short tile).
-  const bool wide = use_avx512();
+  const bool wide = bf16 || use_avx512();
   const int64_t np_tile = wide ? NP512 : 1;  // panels per micro-tile
+  const int64_t k_block = bf16 ? cin : KC;  // bfloat16: no partial sums in the (bfloat16) output
   const int64_t mt = even_rows(m_total), tiles = (m_total + mt - 1) / mt;
   const int64_t want = 32 * at::get_num_threads(), quads = (panels + np_tile - 1) / np_tile;
   const int64_t groups = std::min(quads, std::max<int64_t>(1, (want + tiles - 1) / tiles));
@@ -471,32 +543,38 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t tasks = tiles * groups;
   share_tasks(tasks, [&](const auto& take) {
     // Per micro-tile row block, the rows' input pixels per tap ([tap][row]), resolved once per task.
-    std::vector<const float*> rows_x(mt * taps);
+    std::vector<const T*> rows_x(mt * taps);
     for (int64_t task = take(); task < tasks; task = take()) {
       const int64_t m0 = (task / groups) * mt, m1 = std::min(m_total, m0 + mt);
       const int64_t p0 = (task % groups) * per_group, p1 = std::min(panels, p0 + per_group);
       for (int64_t r = m0; r < m1; r += MR) {
-        const float** a = rows_x.data() + (r - m0) * taps;
+        const T** a = rows_x.data() + (r - m0) * taps;
         for (int64_t i = 0; i < MR; ++i) x_rows(std::min(r + i, m1 - 1), a + i, MR);  // a[t * MR + i]
       }
-      for (int64_t k0 = 0; k0 < cin; k0 += KC) {
-        const int64_t kc = std::min(KC, cin - k0);
+      for (int64_t k0 = 0; k0 < cin; k0 += k_block) {
+        const int64_t kc = std::min(k_block, cin - k0);
         // Rows outer (each micro-tile of A stays in L1 while its output rows are written left to
         // right, residual read alike: streams the prefetcher follows) when this K block of the
         // task's panels fits L2; else panels outer, each panel block reused from L1 down the rows.
-        const bool rows_outer = taps * kc * (p1 - p0) * NR * 4 <= 256 * 1024;
+        const bool rows_outer = taps * kc * (p1 - p0) * NR * int64_t{sizeof(T)} <= 256 * 1024;
         auto tile = [&](int64_t p, int64_t r) {
           const int64_t rows = std::min(MR, m1 - r);
-          float* c[MR];
-          const float* res[MR];
+          T* c[MR];
+          const T* res[MR];
           for (int64_t i = 0; i < MR; ++i) {
             const int64_t m = r + std::min(i, rows - 1);
             c[i] = op + m * cout + p * NR;
             res[i] = rp ? rp + m * cout + p * NR : nullptr;
           }
-          panel_tile(wide, rows_x.data() + (r - m0) * taps, taps, cin, k0, kc, wp + p * taps * cin * NR,
-                     taps * cin * NR, std::min(np_tile, p1 - p), c, rows, k0 == 0, k0 + kc >= cin,
-                     bp ? bp + p * NR : nullptr, rp ? res : nullptr, relu);
+          const int64_t np = std::min(np_tile, p1 - p);
+          if constexpr (bf16) {
+            panel_tile_bf16(rows_x.data() + (r - m0) * taps, taps, cin, wp + p * taps * cin * NR, taps * cin * NR,
+                            np, c, rows, bp ? bp + p * NR : nullptr, rp ? res : nullptr, relu);
+          } else {
+            panel_tile(wide, rows_x.data() + (r - m0) * taps, taps, cin, k0, kc, wp + p * taps * cin * NR,
+                       taps * cin * NR, np, c, rows, k0 == 0, k0 + kc >= cin, bp ? bp + p * NR : nullptr,
+                       rp ? res : nullptr, relu);
+          }
         };
         if (rows_outer) {
           for (int64_t r = m0; r < m1; r += MR)
@@ -508,6 +586,63 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
       }
     }
   });
+}
+#endif
+
+}  // namespace
+
+bool conv_gemm_supported() { return RF_HAVE_CONV_GEMM && cpu_has_avx2_fma(); }
+
+std::string conv_gemm_isa() {
+  if (!conv_gemm_supported()) return "none";
+  return use_avx512() ? "avx512f" : "avx2+fma";
+}
+
+bool conv_gemm_bf16_supported() { return conv_gemm_supported() && cpu_has_avx512_bf16(); }
+
+at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "pack_conv_gemm_weight: expected a float32 or bfloat16 [Cout, Cin, KH, KW] weight, got ", w.sizes(), " ",
+              w.scalar_type());
+  const int64_t cout = w.size(0), cin = w.size(1), kh = w.size(2), kw = w.size(3);
+  TORCH_CHECK(cout % NR == 0, "pack_conv_gemm_weight: Cout must be a multiple of ", NR, ", got ", cout);
+  if (w.scalar_type() == at::kFloat) {
+    // [Cout, Cin, KH, KW] -> [Cout/16, 16, Cin, KH, KW] -> [Cout/16, KH, KW, Cin, 16]
+    return w.reshape({cout / NR, NR, cin, kh, kw}).permute({0, 3, 4, 2, 1}).contiguous();
+  }
+  // bfloat16: channel pairs, the operand of AVX512_BF16's dot product:
+  // [Cout/16, 16, Cin/2, 2, KH, KW] -> [Cout/16, KH, KW, Cin/2, 16, 2]
+  TORCH_CHECK(cin % 2 == 0, "pack_conv_gemm_weight: a bfloat16 weight needs an even Cin, got ", cin);
+  return w.reshape({cout / NR, NR, cin / 2, 2, kh, kw}).permute({0, 4, 5, 2, 1, 3}).contiguous();
+}
+
+at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out_) {
+  const char* name = "conv_gemm_bias_act";
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name,
+              ": expected a float32 or bfloat16 input, got ", x.scalar_type());
+  const bool bf16 = packed.scalar_type() == at::kBFloat16;
+  // float32: [Cout/16, KH, KW, Cin, 16]; bfloat16: [Cout/16, KH, KW, Cin/2, 16, 2]
+  TORCH_CHECK(packed.dim() == (bf16 ? 6 : 5) && packed.size(4) == NR && packed.size(3) * (bf16 ? 2 : 1) == x.size(1) &&
+                  packed.scalar_type() == x.scalar_type() && packed.is_contiguous(),
+              name, ": weight not packed by pack_conv_gemm_weight for ", x.size(1), " ", x.scalar_type(),
+              " input channels");
+  TORCH_CHECK(!bf16 || conv_gemm_bf16_supported(), name, ": bfloat16 needs a CPU with AVX512_BF16");
+  const Geometry g =
+      check_args(name, x, packed.size(1), packed.size(2), packed.size(0) * NR, b, residual, stride, padding, dilation);
+  at::Tensor out = output_for(name, x, residual, g, out_);
+#if RF_HAVE_CONV_GEMM
+  const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
+  if (bf16) {
+    auto raw = [](const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); };
+    gemm_tasks<uint16_t>(g, x, raw(packed), packed.size(0), bp, residual.has_value() ? raw(*residual) : nullptr,
+                         static_cast<uint16_t*>(out.mutable_data_ptr()), relu);
+  } else {
+    gemm_tasks<float>(g, x, packed.const_data_ptr<float>(), packed.size(0), bp,
+                      residual.has_value() ? residual->const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+                      relu);
+  }
 #endif
   return out;
 }

@@ -84,9 +84,24 @@ at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// The float32 max pool with AVX2 (this extension's portable at::vec builds without it), 8 channels
+// The float32 and bfloat16 max pool with AVX2 (this extension's portable at::vec builds without it), 8 channels
 // per step. A NaN wins, as in torch: v replaces acc where v > acc or v is NaN.
-__attribute__((target("avx2"))) void max_pool_pixels(const float* xp, float* op, int64_t c, int64_t h, int64_t w,
+// 8 channels of a pixel as float32: float as is, bfloat16 (T = uint16_t) widened exactly.
+__attribute__((target("avx2"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2"))) inline __m256 load8(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+__attribute__((target("avx2"))) inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// A maximum of bfloat16 values is one of them (NaN included): the upper halves are exact.
+__attribute__((target("avx2"))) inline void store8(uint16_t* p, __m256 v) {
+  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void max_pool_pixels(const T* xp, T* op, int64_t c, int64_t h, int64_t w,
                                                      int64_t oh, int64_t ow, const int64_t* k, const int64_t* s,
                                                      const int64_t* p, int64_t begin, int64_t end) {
   for (int64_t pix = begin; pix < end; ++pix) {
@@ -97,17 +112,20 @@ __attribute__((target("avx2"))) void max_pool_pixels(const float* xp, float* op,
       __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       for (int64_t iy = y0; iy < y1; ++iy) {
         for (int64_t ix = x0; ix < x1; ++ix) {
-          const __m256 v = _mm256_loadu_ps(xp + ((img * h + iy) * w + ix) * c + ch);
+          const __m256 v = load8(xp + ((img * h + iy) * w + ix) * c + ch);
           const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, acc, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
           acc = _mm256_blendv_ps(acc, v, take);
         }
       }
-      _mm256_storeu_ps(op + pix * c + ch, acc);
+      store8(op + pix * c + ch, acc);
     }
   }
 }
 
-void max_pool_avx2(const float* xp, float* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+// float32, or bfloat16 (the generic path below is scalar in this build: 39 ms of a batch-8 ResNet-50
+// forward's 254 on the Zen 4).
+template <typename T>
+void max_pool_avx2(const T* xp, T* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
   at::parallel_for(0, n * oh * ow, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
     max_pool_pixels(xp, op, c, h, w, oh, ow, kernel.data(), stride.data(), padding.data(), begin, end);
@@ -139,10 +157,17 @@ at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArray
     out = at::empty({n, c, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (x.scalar_type() == at::kFloat && c % 8 == 0 && __builtin_cpu_supports("avx2")) {
-    max_pool_avx2(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n, c, h, w, oh, ow, kernel, stride,
-                  padding);
-    return out;
+  if (c % 8 == 0 && __builtin_cpu_supports("avx2")) {
+    if (x.scalar_type() == at::kFloat) {
+      max_pool_avx2(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n, c, h, w, oh, ow, kernel, stride,
+                    padding);
+      return out;
+    }
+    if (x.scalar_type() == at::kBFloat16) {
+      max_pool_avx2(static_cast<const uint16_t*>(x.const_data_ptr()), static_cast<uint16_t*>(out.mutable_data_ptr()),
+                    n, c, h, w, oh, ow, kernel, stride, padding);
+      return out;
+    }
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool_cl", [&] {

@@ -51,7 +51,10 @@ bool conv_gemm_supported();
 // The micro-kernel those run here: "avx512f" (AVX-512F CPUs unless RESNET_FAST_CPU_ISA=avx2),
 // "avx2+fma", or "none".
 std::string conv_gemm_isa();
-// w [Cout, Cin, KH, KW] float32 (Cout a multiple of 16) -> [Cout/16, KH, KW, Cin, 16] panels.
+// Whether conv_gemm_bias_act takes bfloat16 here (AVX512_BF16).
+bool conv_gemm_bf16_supported();
+// w [Cout, Cin, KH, KW] float32 (Cout a multiple of 16) -> [Cout/16, KH, KW, Cin, 16] panels; bfloat16
+// (Cin even) -> [Cout/16, KH, KW, Cin/2, 16, 2] (channel pairs).
 at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
 // out: where to write (channels_last, the output's shape; may be the residual itself), else fresh.
 at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,

@@ -147,21 +147,29 @@ def _own_kernels(
     C, slot, x, w, b, relu, stride, padding, dilation, groups
 ) -> dict[str, Callable[..., Tensor]]:
     """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
-    take float32, groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where present), and a folded,
-    finite weight (packed once, kept beside it). A 3x3 stride-1 layer gets Winograd instead of the implicit
-    GEMM (which it beats on every ResNet shape measured); a layer with few input channels (the stem's 3)
-    gets the GEMM over kernel rows ("gemm_rows"); other shapes get the GEMM."""
+    take groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where
+    present), and a folded, finite weight (packed once, kept beside it). Float32: a 3x3 stride-1 layer
+    gets Winograd instead of the implicit GEMM (which it beats on every ResNet shape measured); a layer
+    with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
+    the GEMM. Bfloat16 (CPUs with AVX512_BF16, an even number of input channels): the GEMM."""
     if (
         slot is None
         or x.device.type != "cpu"
-        or x.dtype != torch.float32
+        or x.dtype not in (torch.float32, torch.bfloat16)
         or groups != 1
         or w.shape[0] % 16
         or not C.conv_gemm_supported()
         or not C.all_finite(w)  # where torch skips the padding, the GEMM would multiply a NaN weight by 0
     ):
         return {}
-    bias = None if b is None else b.contiguous()
+    bias = None if b is None else b.float().contiguous()  # the kernels add a float32 bias
+    gemm = C.conv_gemm_bias_act
+    if x.dtype == torch.bfloat16:
+        # The GEMM on AVX512_BF16's dot products (channel pairs: Cin even), float32 sums rounded once.
+        if not C.conv_gemm_bf16_supported() or w.shape[1] % 2:
+            return {}
+        packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
+        return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
     if (
         tuple(w.shape[2:]) == (3, 3)
         and list(stride) == [1, 1]
@@ -178,16 +186,20 @@ def _own_kernels(
             return winograd(x, packed(), bias, residual, relu, padding, out, space)
 
         return {"winograd": run_winograd}
-    gemm = C.conv_gemm_bias_act
     if w.shape[1] < 8 and list(dilation) == [1, 1]:
         return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
     packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
+    return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+
+
+def _gemm(gemm, packed, bias, relu, stride, padding, dilation) -> Callable[..., Tensor]:
+    """The implicit GEMM (C.conv_gemm_bias_act) on a weight packed on first use."""
 
     def run_gemm(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         x = x.contiguous(memory_format=_CL)
         return gemm(x, packed(), bias, residual, relu, stride, padding, dilation, out)
 
-    return {"gemm": run_gemm}
+    return run_gemm
 
 
 def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]:

@@ -331,6 +331,66 @@ def test_model_runs_every_layer_on_our_kernels(_always_ours):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+needs_bf16 = pytest.mark.skipif(
+    _C is None or not _C.conv_gemm_bf16_supported(),
+    reason="this CPU has no AVX512_BF16: the bfloat16 GEMM cannot run here",
+)
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", [s for s in GEMM_SHAPES if s[1] % 2 == 0])
+@pytest.mark.parametrize("residual", [False, True])
+def test_bf16_gemm_matches_float64_reference(shape, residual):
+    """bfloat16 in and out, float32 sums (vdpbf16ps), one rounding at the store: within half a
+    bfloat16 ulp of the output's magnitude (2^-9) plus the float32 sums', and no worse than torch's
+    own bfloat16 convolution (which rounds the conv, then the residual add, each to bfloat16)."""
+    x, weight, bias, res = (t if t is None else t.bfloat16() for t in _case(*shape, residual))
+    s, p, d = shape[-3:]
+    bias = bias.float()
+    expected = _reference(x, weight, bias, res, True, s, p, d)
+    out = _C.conv_gemm_bias_act(
+        x, _C.pack_conv_gemm_weight(weight), bias, res, True, [s] * 2, [p] * 2, [d] * 2
+    )
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
+    theirs = F.conv2d(x, weight, bias.bfloat16(), s, p, d)
+    theirs = torch.relu(theirs + res if residual else theirs)
+    scale = expected.abs().max().item()
+    error = (out.double() - expected).abs().max().item()
+    assert error <= 2**-8 * scale
+    assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+
+
+@needs_bf16
+def test_bf16_gemm_writes_into_the_residual_and_checks_dtypes():
+    x, weight, bias, res = (t.bfloat16() for t in _case(2, 64, 48, 6, 6, 1, 1, 0, 1, True))
+    packed, bias = _C.pack_conv_gemm_weight(weight), bias.float()
+    expected = _C.conv_gemm_bias_act(x, packed, bias, res.clone(), True, [1, 1], [0, 0], [1, 1])
+    out = _C.conv_gemm_bias_act(x, packed, bias, res, True, [1, 1], [0, 0], [1, 1], res)
+    assert out.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="weight not packed"):
+        _C.conv_gemm_bias_act(x.float(), packed, bias, None, True, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="residual must be"):
+        _C.conv_gemm_bias_act(x, packed, bias, res.float(), True, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="even Cin"):
+        _C.pack_conv_gemm_weight(torch.randn(16, 3, 1, 1).bfloat16())
+
+
+@needs_bf16
+def test_bf16_model_runs_on_our_gemm(_always_ours):
+    """A bfloat16 ResNet-50: every conv with an even number of input channels on the GEMM (the stem's 3
+    stay on oneDNN), within 2x torch's own bfloat16 error of the float32 model."""
+    ours, theirs = _resnet50_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x).double()
+        out = ours.bfloat16()(x.bfloat16())
+        torch_bf16 = theirs.bfloat16()(x.bfloat16())
+    assert _always_ours == ["gemm"] * 52  # the stem has no candidate but oneDNN; the classifier runs F.linear
+    error = (out.double() - expected).abs().max()
+    assert error <= 2 * (torch_bf16.double() - expected).abs().max()
+
+
 @pytest.mark.parametrize("chosen", ["winograd", "onednn", None])  # None: measured now
 def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chosen):
     """Weights are packed on a path's first call: a choice read from the cache packs only that path's,

@@ -1,6 +1,7 @@
 """resnet_fast._C.max_pool_cl (a ResNet's max pool inside its forward on the cpp backend, written into a
 kept buffer) against torch's max_pool2d: the same values exactly (a max rounds nothing), NaN where torch
-has NaN, every floating dtype, the AVX2 path (float32, channels a multiple of 8) and the portable one."""
+has NaN, every floating dtype, the AVX2 path (float32 and bfloat16, channels a multiple of 8) and the
+portable one."""
 
 import pytest
 import torch
