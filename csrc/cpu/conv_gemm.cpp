@@ -791,6 +791,7 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
                                   const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
                                   const std::optional<at::Tensor>& out_, const std::optional<at::Tensor>& workspace) {
   const char* name = "conv_winograd_bias_act";
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": expected a float32 input, got ", x.scalar_type());
   TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 16 && packed.size(3) == NR && packed.size(2) == x.size(1) &&
                   packed.scalar_type() == at::kFloat && packed.is_contiguous(),
               name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");

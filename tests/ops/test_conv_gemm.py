@@ -273,6 +273,8 @@ def test_clear_errors():
         _C.conv_gemm_bias_act(x, packed, bias, None, True, [1, 1], [0, 0], [3, 3])
     with pytest.raises(RuntimeError, match="3, 3"):
         _C.pack_winograd_weight(torch.randn(32, 32, 1, 1))
+    with pytest.raises(RuntimeError, match="expected a float32 input"):  # its packed weight is float32
+        _C.conv_winograd_bias_act(x.bfloat16(), _C.pack_winograd_weight(weight), bias, None, True, [1, 1])
     with pytest.raises(RuntimeError, match="multiple of 8"):
         _winograd(
             torch.randn(1, 12, 5, 5).contiguous(memory_format=CL),
