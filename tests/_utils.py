@@ -46,3 +46,20 @@ def record_conv_calls(monkeypatch, backend: str, record, impl=None) -> None:
         return counted
 
     monkeypatch.setitem(conv_ops._CONV_RUNNER, backend, counting)
+
+
+def torchvision_pair(arch: str = "resnet50", num_classes: int = 10):
+    """(resnet_fast model, the torchvision model it was converted from), eval, with BN running statistics
+    that are not the identity; seeded, so two calls give the same weights."""
+    import torchvision
+
+    import resnet_fast
+
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, arch)(num_classes=num_classes).eval()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return resnet_fast.from_torchvision(theirs).eval(), theirs

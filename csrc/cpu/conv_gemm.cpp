@@ -82,92 +82,16 @@ bool use_avx512() {
 }
 
 #if RF_HAVE_CONV_GEMM
-// One MR x NR tile over input channels [k0, k0 + kc) of every tap: a[t * MR + i] points at row i's
-// input pixel under tap t (channel 0), bp at the panel ([taps][cin][16]), c[i] at row i's output for
-// this panel. Rows past `rows` repeat the last valid row's pointers (loads stay in bounds) and are
-// not stored.
-__attribute__((target("avx2,fma"))) void micro_tile6(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
-                                                    int64_t kc, const float* bp, float* const* c, int64_t rows,
-                                                    bool first, bool last, const float* bias, const float* const* res,
-                                                    bool relu) {
-  // The first K block starts from the bias and adds the residual after its sums (prefetched here, so
-  // the loads find it in cache after the K loop instead of stalling before it: 2.7% of a batch-1
-  // ResNet-50 forward on the Zen 4), before the tile's first write to c: c may be the residual itself
-  // (in place); later blocks continue from c's partial sums.
-  __m256 acc[MR][2];
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : zero;
-  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : zero;
-  if (first && res) {
-#pragma GCC unroll 6
-    for (int64_t i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(res[i]), _MM_HINT_T0);
-  }
-#pragma GCC unroll 6
-  for (int64_t i = 0; i < MR; ++i) {
-    if (first) {
-      acc[i][0] = bias0;
-      acc[i][1] = bias1;
-    } else {
-      acc[i][0] = _mm256_loadu_ps(c[i]);
-      acc[i][1] = _mm256_loadu_ps(c[i] + 8);
-    }
-  }
-  for (int64_t t = 0; t < taps; ++t) {
-    const float* const* at = a + t * MR;
-    const float *a0 = at[0] + k0, *a1 = at[1] + k0, *a2 = at[2] + k0, *a3 = at[3] + k0, *a4 = at[4] + k0,
-                *a5 = at[5] + k0;
-    const float* bt = bp + (t * cin + k0) * NR;
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; ++k) {
-      const __m256 b0 = _mm256_load_ps(bt + k * NR);
-      const __m256 b1 = _mm256_load_ps(bt + k * NR + 8);
-      __m256 v = _mm256_broadcast_ss(a0 + k);
-      acc[0][0] = _mm256_fmadd_ps(v, b0, acc[0][0]);
-      acc[0][1] = _mm256_fmadd_ps(v, b1, acc[0][1]);
-      v = _mm256_broadcast_ss(a1 + k);
-      acc[1][0] = _mm256_fmadd_ps(v, b0, acc[1][0]);
-      acc[1][1] = _mm256_fmadd_ps(v, b1, acc[1][1]);
-      v = _mm256_broadcast_ss(a2 + k);
-      acc[2][0] = _mm256_fmadd_ps(v, b0, acc[2][0]);
-      acc[2][1] = _mm256_fmadd_ps(v, b1, acc[2][1]);
-      v = _mm256_broadcast_ss(a3 + k);
-      acc[3][0] = _mm256_fmadd_ps(v, b0, acc[3][0]);
-      acc[3][1] = _mm256_fmadd_ps(v, b1, acc[3][1]);
-      v = _mm256_broadcast_ss(a4 + k);
-      acc[4][0] = _mm256_fmadd_ps(v, b0, acc[4][0]);
-      acc[4][1] = _mm256_fmadd_ps(v, b1, acc[4][1]);
-      v = _mm256_broadcast_ss(a5 + k);
-      acc[5][0] = _mm256_fmadd_ps(v, b0, acc[5][0]);
-      acc[5][1] = _mm256_fmadd_ps(v, b1, acc[5][1]);
-    }
-  }
-  if (first && res) {
-#pragma GCC unroll 6
-    for (int64_t i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(res[i]));
-      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(res[i] + 8));
-    }
-  }
-  if (last && relu) {  // max(0, v): NaN in the second operand is returned, as torch.relu keeps it
-#pragma GCC unroll 6
-    for (int64_t i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
-      acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int64_t i = 0; i < MR; ++i) {  // constant trip counts only: acc stays in registers
-    if (i < rows) {
-      _mm256_storeu_ps(c[i], acc[i][0]);
-      _mm256_storeu_ps(c[i] + 8, acc[i][1]);
-    }
-  }
-}
-
-// micro_tile6 for the last R < MR rows of a task: a full 6-row tile there would spend up to 5/6 of
-// its FMAs on repeated rows (ResNet-50's 7x7 layers at batch 1: 49 rows, 9 tiles, the last of 1 row).
+// The AVX2 micro-kernel: an R x NR tile (R <= MR) over input channels [k0, k0 + kc) of every tap:
+// a[t * MR + i] points at row i's input pixel under tap t (channel 0), bp at the panel
+// ([taps][cin][16]), c[i] at row i's output for this panel. R is the tile's row count, so a task's
+// last rows cost only their own FMAs (ResNet-50's 7x7 layers at batch 1: 49 rows, 9 tiles, the last
+// of 1 row). The first K block starts from the bias and adds the residual after its sums (prefetched
+// here, so the loads find it in cache after the K loop instead of stalling before it: on the Zen 4,
+// 1% of a batch-1 ResNet-50 forward here, 2.7% in micro_tile_avx512), before the tile's first write to
+// c: c may be the residual itself (in place); later blocks continue from c's partial sums.
 template <int R>
-__attribute__((target("avx2,fma"))) void micro_tile_tail(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
+__attribute__((target("avx2,fma"))) void micro_tile_avx2(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
                                                         int64_t kc, const float* bp, float* const* c, bool first,
                                                         bool last, const float* bias, const float* const* res,
                                                         bool relu) {
@@ -212,7 +136,7 @@ __attribute__((target("avx2,fma"))) void micro_tile_tail(const float* const* a, 
       acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(res[i]));
       acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(res[i] + 8));
     }
-    if (last && relu) {
+    if (last && relu) {  // max(0, v): NaN in the second operand is returned, as torch.relu keeps it
       acc[i][0] = _mm256_max_ps(zero, acc[i][0]);
       acc[i][1] = _mm256_max_ps(zero, acc[i][1]);
     }
@@ -221,17 +145,17 @@ __attribute__((target("avx2,fma"))) void micro_tile_tail(const float* const* a, 
   }
 }
 
-// One tile of `rows` <= MR rows (see micro_tile6 for the arguments).
+// One tile of `rows` <= MR rows (see micro_tile_avx2 for the arguments).
 void micro_tile(const float* const* a, int64_t taps, int64_t cin, int64_t k0, int64_t kc, const float* bp,
                 float* const* c, int64_t rows, bool first, bool last, const float* bias, const float* const* res,
                 bool relu) {
   switch (rows) {
-    case 1: return micro_tile_tail<1>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
-    case 2: return micro_tile_tail<2>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
-    case 3: return micro_tile_tail<3>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
-    case 4: return micro_tile_tail<4>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
-    case 5: return micro_tile_tail<5>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
-    default: return micro_tile6(a, taps, cin, k0, kc, bp, c, rows, first, last, bias, res, relu);
+    case 1: return micro_tile_avx2<1>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 2: return micro_tile_avx2<2>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 3: return micro_tile_avx2<3>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 4: return micro_tile_avx2<4>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    case 5: return micro_tile_avx2<5>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
+    default: return micro_tile_avx2<6>(a, taps, cin, k0, kc, bp, c, first, last, bias, res, relu);
   }
 }
 
@@ -239,8 +163,8 @@ void micro_tile(const float* const* a, int64_t taps, int64_t cin, int64_t k0, in
 // (bp + j * pstride is panel j), each row's A value broadcast once for all NP panels. With R = 6 and
 // NP = 4 the 24 accumulators and 4 B registers fit AVX-512's 32 registers, and each 512-bit FMA does
 // the work of two 256-bit ones for half the instructions: on the Zen 4 (whose FMA units are 256 bits
-// wide) ResNet-50's batch-1 1x1 layers ran 1.10-1.29x faster than on micro_tile6, the whole batch-1
-// forward 1.24x. Same arguments as micro_tile6 otherwise.
+// wide) ResNet-50's batch-1 1x1 layers ran 1.10-1.29x faster than on micro_tile_avx2, the whole batch-1
+// forward 1.24x. Same arguments as micro_tile_avx2 otherwise.
 template <int R, int NP>
 __attribute__((target("avx512f"))) void micro_tile_avx512(const float* const* a, int64_t taps, int64_t cin,
                                                           int64_t k0, int64_t kc, const float* bp, int64_t pstride,
@@ -289,7 +213,7 @@ __attribute__((target("avx512f"))) void micro_tile_avx512(const float* const* a,
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) {
       if (first && res) acc[i][j] = _mm512_add_ps(acc[i][j], _mm512_loadu_ps(res[i] + j * NR));
-      if (last && relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile6
+      if (last && relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile_avx2
       _mm512_storeu_ps(c[i] + j * NR, acc[i][j]);
     }
   }
@@ -386,7 +310,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) {
       if (res) acc[i][j] = _mm512_add_ps(acc[i][j], bf16x16_to_ps(res[i] + j * NR));
-      if (relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile6
+      if (relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile_avx2
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[i] + j * NR), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
     }
   }

@@ -16,7 +16,7 @@ from .batchnorm import SyncBatchNorm, train_forward, uses_batch_stats
 from .recompute import recomputed_when_saved
 
 
-def _plain(conv: nn.Module, bn: nn.Module) -> bool:
+def plain_pair(conv: nn.Module, bn: nn.Module) -> bool:
     """True for an unmodified Conv2d + BatchNorm2d pair with no hooks: safe to replace by a fused op.
 
     Subclasses with their own forward, other norm layers (norm_layer=...) and hooked modules
@@ -84,13 +84,17 @@ def conv_bn_act(
     """act(bn(conv(x)) [+ residual]) through the fused ops where possible."""
     buffers = ops.buffers.current()
     if buffers is not None:
-        if buffers.backend not in (None, "torch") and _plain(conv, bn) and _ready(x.dtype, conv, bn):
+        if (
+            buffers.backend not in (None, "torch")
+            and plain_pair(conv, bn)
+            and ready_to_fold(x.dtype, conv, bn)
+        ):
             # Inside a model's private forward, which already knows: no gradients, eager, not exporting,
             # autocast off, the backend.
             return _eval_fused(x, conv, bn, residual, relu, buffers.backend, buffers)
         buffers.unrecordable()
     backend = ops.backend_for(x.device)
-    if backend == "torch" or _exporting() or not _plain(conv, bn):
+    if backend == "torch" or _exporting() or not plain_pair(conv, bn):
         return reference.conv_bn_act(x, conv, bn, residual, relu)
     if uses_batch_stats(bn):
         return _train_fused(x, conv, bn, residual, relu)
@@ -155,7 +159,7 @@ def _foldable(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor |
     )
 
 
-def _ready(dtype: torch.dtype, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+def ready_to_fold(dtype: torch.dtype, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """What _foldable checks beyond what a private forward knows: eval BN with running stats, one dtype,
     a padding the fused op expresses."""
     weight, _, _, _, mean, var = fold.sources(conv, bn)

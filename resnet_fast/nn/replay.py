@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import fold
-from .fused import _plain, _ready, private_activations
+from .fused import plain_pair, private_activations, ready_to_fold
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def _valid(program: _Program, modules: Sequence[nn.Module], x: Tensor) -> bool:
     for run, layer in zip(program.runs, program.layers, strict=True):
         if layer is not None:
             conv, bn, key = layer
-            if not (_plain(conv, bn) and _ready(x.dtype, conv, bn)):
+            if not (plain_pair(conv, bn) and ready_to_fold(x.dtype, conv, bn)):
                 return False
             if fold.folded(conv, bn, x.dtype).runners.get(key) is not run:
                 return False

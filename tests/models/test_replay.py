@@ -6,7 +6,7 @@ output's magnitude, as the other parity tests) and replays with recorded forward
 
 import pytest
 import torch
-import torchvision
+from _utils import torchvision_pair
 
 import resnet_fast
 from resnet_fast import _ext, fold
@@ -24,17 +24,6 @@ def _cpp():
     resnet_fast.set_backend(None)
 
 
-def _pair(arch="resnet50"):
-    torch.manual_seed(0)
-    theirs = getattr(torchvision.models, arch)(num_classes=10).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return resnet_fast.from_torchvision(theirs).eval(), theirs
-
-
 def _matches(out, expected):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
@@ -45,7 +34,7 @@ def _programs(model):
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
 def test_replay_gives_the_recorded_numbers(arch):
-    ours, theirs = _pair(arch)
+    ours, theirs = torchvision_pair(arch)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         recorded = ours(x)
@@ -102,7 +91,7 @@ def _changes():
 
 @pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
 def test_a_change_between_forwards_is_never_replayed_stale(change):
-    ours, theirs = _pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours(x)
@@ -114,7 +103,7 @@ def test_a_change_between_forwards_is_never_replayed_stale(change):
 
 
 def test_train_mode_hooks_and_shapes():
-    ours, theirs = _pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours(x)
@@ -142,7 +131,7 @@ def test_replay_keeps_buffers_reusable():
     need no more kept buffers than the recorded forward."""
     from resnet_fast.nn import fused
 
-    ours, _ = _pair()
+    ours, _ = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours(x)

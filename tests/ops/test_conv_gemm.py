@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from _utils import torchvision_pair
 
 import resnet_fast
 from resnet_fast import _ext, fold
@@ -302,22 +303,12 @@ def _always_ours(monkeypatch):
     return taken
 
 
-def _resnet50_pair():
-    theirs = torchvision.models.resnet50(num_classes=10).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return resnet_fast.from_torchvision(theirs).eval(), theirs
-
-
 def _assert_matches(out, expected):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_model_runs_every_layer_on_our_kernels(_always_ours):
-    ours, theirs = _resnet50_pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = theirs(x)
@@ -382,7 +373,7 @@ def test_bf16_gemm_writes_into_the_residual_and_checks_dtypes():
 def test_bf16_model_runs_on_our_gemm(_always_ours):
     """A bfloat16 ResNet-50: every conv with an even number of input channels on the GEMM (the stem's 3
     stay on oneDNN), within 2x torch's own bfloat16 error of the float32 model."""
-    ours, theirs = _resnet50_pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = theirs(x).double()
@@ -483,7 +474,7 @@ def _in_place_plans(model) -> int:
 def test_residual_added_in_place_only_where_no_one_else_sees_it(_always_ours):
     """In the model's own forward (no grad, no hooks) each block's last conv writes into its residual;
     a block called directly, or a model with a hook, leaves every tensor the caller holds untouched."""
-    ours, theirs = _resnet50_pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = theirs(x)
@@ -517,7 +508,7 @@ def test_a_hooked_max_pool_keeps_its_output(_always_ours):
 def test_buffers_are_kept_between_forwards(_always_ours):
     """Warm forwards write into the buffers of the last one: no fresh pages, the same memory, the same
     numbers; a new input shape drops them; release_buffers frees them."""
-    ours, theirs = _resnet50_pair()
+    ours, theirs = torchvision_pair()
     x = torch.randn(4, 3, 96, 96)
     with torch.no_grad():
         expected = theirs(x)
@@ -557,7 +548,7 @@ def test_a_buffer_someone_holds_is_not_reused():
 def test_concurrent_forwards_use_their_own_buffers(_always_ours):
     import threading
 
-    ours, theirs = _resnet50_pair()
+    ours, theirs = torchvision_pair()
     xs = [torch.randn(2, 3, 64, 64) for _ in range(2)]
     with torch.no_grad():
         expected = [theirs(x) for x in xs]
