@@ -11,7 +11,7 @@ came next by 9% — a cost a server running one engine never pays. That spin out
 such comparisons also leave the machine idle for a moment (`settle`) before each contender's calls: on
 the Zen 4, onnxruntime's workers used 40-50 ms of CPU in the 0.05-0.1 s after a batch-1 run, and our
 batch-1 forward, timed after itself between onnxruntime's and OpenVINO's, took 60.8 ms against 46.9-51.2
-ms alone in the same process (onnxruntime 52.9 against 49.9; /tmp/coexist.py, ad hoc).
+ms alone in the same process (onnxruntime 52.9 against 49.9; an ad hoc measurement, 2026-12-02).
 """
 
 from __future__ import annotations

@@ -50,35 +50,30 @@ constexpr int64_t MT = 96;   // rows per task: 16 micro-tiles reuse each B panel
 
 constexpr int64_t NP512 = 4;  // panels per AVX-512 tile
 
-bool cpu_has_avx512_bf16() {
-#if RF_HAVE_CONV_GEMM
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
+// What this CPU runs, asked once.
+struct CpuFeatures {
+  bool avx2_fma = false, avx512f = false, avx512_bf16 = false;
+};
 
-bool cpu_has_avx2_fma() {
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures f;
 #if RF_HAVE_CONV_GEMM
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+    f.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    f.avx512f = __builtin_cpu_supports("avx512f");
+    f.avx512_bf16 = f.avx512f && __builtin_cpu_supports("avx512bf16");
 #endif
+    return f;
+  }();
+  return f;
 }
 
 // The AVX-512 kernel where the CPU has AVX-512F, unless RESNET_FAST_CPU_ISA=avx2 asks for the AVX2 one
 // (read on every call, so that tests cover both on one machine; the packed weights are the same).
 bool use_avx512() {
-#if RF_HAVE_CONV_GEMM
-  static const bool has = __builtin_cpu_supports("avx512f");
-  if (!has) return false;
+  if (!cpu_features().avx512f) return false;
   const char* isa = std::getenv("RESNET_FAST_CPU_ISA");
   return isa == nullptr || std::string(isa) != "avx2";
-#else
-  return false;
-#endif
 }
 
 #if RF_HAVE_CONV_GEMM
@@ -182,8 +177,7 @@ __attribute__((target("avx512f"))) void micro_tile_avx512(const float* const* a,
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) {
       if (first) {
-        const __m512 b = bias ? _mm512_loadu_ps(bias + j * NR) : _mm512_setzero_ps();
-        acc[i][j] = b;
+        acc[i][j] = bias ? _mm512_loadu_ps(bias + j * NR) : _mm512_setzero_ps();
       } else {
         acc[i][j] = _mm512_loadu_ps(c[i] + j * NR);
       }
@@ -515,14 +509,14 @@ void gemm_tasks(const Geometry& g, const at::Tensor& x, const T* wp, int64_t pan
 
 }  // namespace
 
-bool conv_gemm_supported() { return RF_HAVE_CONV_GEMM && cpu_has_avx2_fma(); }
+bool conv_gemm_supported() { return cpu_features().avx2_fma; }
 
 std::string conv_gemm_isa() {
   if (!conv_gemm_supported()) return "none";
   return use_avx512() ? "avx512f" : "avx2+fma";
 }
 
-bool conv_gemm_bf16_supported() { return conv_gemm_supported() && cpu_has_avx512_bf16(); }
+bool conv_gemm_bf16_supported() { return conv_gemm_supported() && cpu_features().avx512_bf16; }
 
 at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 4 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
