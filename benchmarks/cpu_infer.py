@@ -12,7 +12,7 @@ on the same torchvision weights (`pip install -e ".[peers]"`); the same builders
 Every measurement is the median over interleaved rounds (resnet_fast._timing), each contender's turn
 after 0.2 s idle and each timed call right after an untimed one of the same contender (onnxruntime's
 spinning threads would otherwise slow whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
-times are measured on fresh models: ours folds and prepacks every layer on its first call (once with
+times are measured on fresh models, after a garbage collection: ours folds and prepacks every layer on its first call (once with
 an empty layer-choice cache, every distinct conv shape timed then; once with the choices cached),
 compile+freezing compiles on its own.
 Writes benchmarks/results/<machine-tag>-cpu_infer.json.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
 import tempfile
@@ -55,6 +56,10 @@ def _models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _first_call(fn) -> float:
+    # Collected first, as timeit does: the garbage left by imports and model building would otherwise
+    # be collected inside whichever call is timed next (a full collection of this process's ~340,000
+    # objects took 0.16-0.19 s on the Zen 4, whatever triggers it).
+    gc.collect()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -46,7 +46,7 @@ def _timed_plans(model: torch.nn.Module, samples: dict, paths: dict) -> list:
         for key, run in list(cache.entry.runners.items()):
             paths[name] = getattr(
                 run, "__name__", "?"
-            )  # "onednn", "gemm", "gemm_rows" or "winograd" (cpp backend)
+            )  # "onednn", "gemm", "gemm_rows", "winograd" or "winograd4" (cpp backend)
 
             def timed(x, residual, buffers=None, run=run, name=name):
                 start = time.perf_counter()

@@ -356,6 +356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dx = ka*dy' + kb*(x - mean) + kc per channel, dy' or None): the batch-norm input and residual grads",
         py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("output"), py::arg("mean"),
         py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
+  m.def("evict_from_cache", &resnet_fast::cpu::evict_from_cache,
+        "flush a CPU tensor's memory from every cache level (x86-64 clflush; elsewhere nothing)", py::arg("t"));
   m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
         py::arg("t"));
   m.def("conv_gemm_supported", &resnet_fast::cpu::conv_gemm_supported,
@@ -376,16 +378,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("out") = py::none());
   m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,
-        "[Cout, Cin, 3, 3] float32 -> Winograd F(2x2, 3x3) weights G w G^T as [16, Cout/16, Cin, 16] panels",
-        py::arg("w"));
+        "[Cout, Cin, 3, 3] float32 -> Winograd F(tile x tile, 3x3) weights G w G^T as [(tile + 2)^2, Cout/16, Cin, 16] "
+        "panels; tile 2 or 4",
+        py::arg("w"), py::arg("tile") = 2);
   m.def("conv_winograd_bias_act", &resnet_fast::cpu::conv_winograd_bias_act,
-        "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight, channels_last "
-        "float32; written into out when given (out may be the residual itself), its scratch in workspace when given",
+        "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight (either tile), "
+        "channels_last float32; written into out when given (out may be the residual itself), its scratch in workspace when given",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("padding"),
         py::arg("out") = py::none(), py::arg("workspace") = py::none());
   m.def("winograd_workspace_size", &resnet_fast::cpu::winograd_workspace_size,
-        "float32 elements of the workspace conv_winograd_bias_act needs for this input shape",
-        py::arg("x_shape"), py::arg("cout"), py::arg("padding"));
+        "float32 elements of the workspace conv_winograd_bias_act needs for this input shape and tile",
+        py::arg("x_shape"), py::arg("cout"), py::arg("padding"), py::arg("tile") = 2);
   m.def("max_pool_cl", &resnet_fast::cpu::max_pool_cl,
         "max_pool2d (no dilation, floor mode) on a channels_last CPU tensor, written into out when given",
         py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("out") = py::none());

@@ -80,8 +80,8 @@ def explain(
             choice = layer_choice.CPU_CACHE.get(key) if key else None
             if choice is not None:
                 row["ms"] = choice.ms
-                if choice.path != layer_choice.LIBRARY_PATH["cpu"]:
-                    row["path"] = f"{choice.path} (resnet_fast._C: 1x1 conv as one GEMM, fused epilogue)"
+                if choice.path in _OWN_PATHS:
+                    row["path"] = f"{choice.path} (resnet_fast._C: {_OWN_PATHS[choice.path]}, fused epilogue)"
         elif name_of_backend == "triton" and key:
             choice = layer_choice.CACHE.get(key)
             if choice is not None:
@@ -90,6 +90,15 @@ def explain(
                 row["path"] = "not measured (run unfused or captured)"
         rows.append(row)
     return rows
+
+
+# What each of resnet_fast._C's CPU paths is (ops.conv._own_kernels).
+_OWN_PATHS = {
+    "gemm": "implicit GEMM",
+    "gemm_rows": "implicit GEMM over kernel rows",
+    "winograd": "Winograd F(2x2, 3x3)",
+    "winograd4": "Winograd F(4x4, 3x3)",
+}
 
 
 def _block_tails(model: nn.Module) -> set[str]:

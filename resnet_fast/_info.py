@@ -63,7 +63,7 @@ def _own_kernels(module) -> str:
     if not module.conv_gemm_supported():
         return "oneDNN only (our GEMM and Winograd kernels need an x86-64 CPU with AVX2 + FMA)"
     return (
-        f"oneDNN, the implicit GEMM, or Winograd F(2x2, 3x3) for 3x3 stride-1 layers ({module.conv_gemm_isa()} "
+        f"oneDNN, the implicit GEMM, or Winograd F(2x2, 3x3) or F(4x4, 3x3) for 3x3 stride-1 layers ({module.conv_gemm_isa()} "
         "micro-kernel; groups 1, output channels a multiple of 16), whichever measured faster per layer shape; "
         f"choices in {layer_choice.cache_file('cpu')}"
         + (

@@ -565,184 +565,181 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
-// ---- Winograd F(2x2, 3x3): 3x3 stride-1 convolutions with 2.25x fewer multiplications ----
+// ---- Winograd F(2x2, 3x3) and F(4x4, 3x3): 3x3 stride-1 convolutions with 2.25x or 4x fewer multiplications ----
 //
-// out tile (2x2) = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 input patch d (Lavin & Gray, 2015). Three
-// passes: the input transform writes V[16][tiles][Cin], sixteen GEMMs (the micro-kernel above, one
-// tap) give M[16][tiles][Cout] = V[pos] @ U[pos], and the output transform adds bias and residual and
-// applies the ReLU. The weights' transform U = G g G^T is done once, when packing.
+// out tile (m x m) = A^T [ (G g G^T) . (B^T d B) ] A per (m+2) x (m+2) input patch d (Lavin & Gray,
+// 2015; F(4x4, 3x3) on the points 0, 1, -1, 2, -2 and infinity). Three passes: the input transform
+// writes V[P][tiles][Cin] (P = (m+2)^2 positions), P GEMMs (the micro-kernel above, one tap) give
+// M[P][tiles][Cout] = V[pos] @ U[pos], and the output transform adds bias and residual and applies the
+// ReLU. The weights' transform U = G g G^T is done once, when packing. F(4x4) does 44% fewer
+// multiplications than F(2x2) but its weights are 2.25x larger, and its transforms' coefficients (up to
+// 8) cost some precision: layer_choice times both where both run.
 
 namespace {
 
+// The one-dimensional transforms of F(m, 3), n = m + 2: B^T d (n inputs -> n), A^T s (n -> m), on 8
+// channels at once, and G g (3 -> n) in float64 for the weights.
+template <int M>
+struct Winograd;
+
+template <>
+struct Winograd<2> {
+  static constexpr int N = 4;
 #if RF_HAVE_CONV_GEMM
-// V[pos][tile][c] for tiles [t0, t1): B^T d B per channel of each 4x4 patch (zeros outside the
+  __attribute__((target("avx2,fma"))) static inline void input(const __m256* d, __m256* r) {
+    r[0] = _mm256_sub_ps(d[0], d[2]);
+    r[1] = _mm256_add_ps(d[1], d[2]);
+    r[2] = _mm256_sub_ps(d[2], d[1]);
+    r[3] = _mm256_sub_ps(d[1], d[3]);
+  }
+  __attribute__((target("avx2,fma"))) static inline void output(const __m256* s, __m256* o) {
+    o[0] = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+    o[1] = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+  }
+#endif
+  static void weight(const double* g, int64_t stride, double* u) {  // G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+    const double g0 = g[0], g1 = g[stride], g2 = g[2 * stride];
+    u[0] = g0;
+    u[1] = 0.5 * (g0 + g1 + g2);
+    u[2] = 0.5 * (g0 - g1 + g2);
+    u[3] = g2;
+  }
+};
+
+template <>
+struct Winograd<4> {
+  static constexpr int N = 6;
+#if RF_HAVE_CONV_GEMM
+  // B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+  __attribute__((target("avx2,fma"))) static inline void input(const __m256* d, __m256* r) {
+    const __m256 four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f), two = _mm256_set1_ps(2.f);
+    const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
+    const __m256 c = _mm256_sub_ps(d[4], d[2]), e = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
+    r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
+    r[1] = _mm256_add_ps(a, b);
+    r[2] = _mm256_sub_ps(a, b);
+    r[3] = _mm256_add_ps(c, e);
+    r[4] = _mm256_sub_ps(c, e);
+    r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
+  }
+  // A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+  __attribute__((target("avx2,fma"))) static inline void output(const __m256* s, __m256* o) {
+    const __m256 a = _mm256_add_ps(s[1], s[2]), b = _mm256_sub_ps(s[1], s[2]);
+    const __m256 c = _mm256_add_ps(s[3], s[4]), e = _mm256_sub_ps(s[3], s[4]);
+    o[0] = _mm256_add_ps(_mm256_add_ps(s[0], a), c);
+    o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.f), e, b);
+    o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.f), c, a);
+    o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.f), e, b), s[5]);
+  }
+#endif
+  // G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+  static void weight(const double* g, int64_t stride, double* u) {
+    const double g0 = g[0], g1 = g[stride], g2 = g[2 * stride];
+    u[0] = g0 / 4;
+    u[1] = -(g0 + g1 + g2) / 6;
+    u[2] = -(g0 - g1 + g2) / 6;
+    u[3] = g0 / 24 + g1 / 12 + g2 / 6;
+    u[4] = g0 / 24 - g1 / 12 + g2 / 6;
+    u[5] = g2;
+  }
+};
+
+#if RF_HAVE_CONV_GEMM
+// V[pos][tile][c] for tiles [t0, t1): B^T d B per channel of each N x N patch (zeros outside the
 // image), 8 channels per step (cin is a multiple of 8).
+template <int M>
 __attribute__((target("avx2,fma"))) void winograd_input(const float* x, float* v, const Geometry& g, int64_t tiles_h,
                                                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t tiles) {
-  const int64_t cin = g.cin;
+  constexpr int N = Winograd<M>::N;
+  const int64_t cin = g.cin, pos_stride = tiles * cin;
   const std::vector<float> zeros(cin, 0.f);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
-    const float* d[4][4];  // the patch's pixels (a zero row outside the image)
-    for (int64_t r = 0; r < 4; ++r) {
-      for (int64_t q = 0; q < 4; ++q) {
-        const int64_t iy = 2 * ty - g.ph + r, ix = 2 * tx - g.pw + q;
+    const float* d[N][N];  // the patch's pixels (a zero row outside the image)
+    for (int64_t r = 0; r < N; ++r) {
+      for (int64_t q = 0; q < N; ++q) {
+        const int64_t iy = M * ty - g.ph + r, ix = M * tx - g.pw + q;
         const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
         d[r][q] = inside ? x + ((img * g.h + iy) * g.w + ix) * cin : zeros.data();
       }
     }
     float* o = v + t * cin;
-    const int64_t pos_stride = tiles * cin;
     for (int64_t c = 0; c < cin; c += 8) {
-      __m256 s[4][4];  // B^T d: rows
-      for (int64_t q = 0; q < 4; ++q) {
-        const __m256 d0 = _mm256_loadu_ps(d[0][q] + c), d1 = _mm256_loadu_ps(d[1][q] + c),
-                     d2 = _mm256_loadu_ps(d[2][q] + c), d3 = _mm256_loadu_ps(d[3][q] + c);
-        s[0][q] = _mm256_sub_ps(d0, d2);
-        s[1][q] = _mm256_add_ps(d1, d2);
-        s[2][q] = _mm256_sub_ps(d2, d1);
-        s[3][q] = _mm256_sub_ps(d1, d3);
+      __m256 s[N][N];  // B^T d, by rows
+      for (int64_t q = 0; q < N; ++q) {
+        __m256 col[N], out[N];
+        for (int64_t r = 0; r < N; ++r) col[r] = _mm256_loadu_ps(d[r][q] + c);
+        Winograd<M>::input(col, out);
+        for (int64_t r = 0; r < N; ++r) s[r][q] = out[r];
       }
-      for (int64_t r = 0; r < 4; ++r) {  // (B^T d) B: columns
-        _mm256_storeu_ps(o + (r * 4 + 0) * pos_stride + c, _mm256_sub_ps(s[r][0], s[r][2]));
-        _mm256_storeu_ps(o + (r * 4 + 1) * pos_stride + c, _mm256_add_ps(s[r][1], s[r][2]));
-        _mm256_storeu_ps(o + (r * 4 + 2) * pos_stride + c, _mm256_sub_ps(s[r][2], s[r][1]));
-        _mm256_storeu_ps(o + (r * 4 + 3) * pos_stride + c, _mm256_sub_ps(s[r][1], s[r][3]));
+      for (int64_t r = 0; r < N; ++r) {  // (B^T d) B
+        __m256 out[N];
+        Winograd<M>::input(s[r], out);
+        for (int64_t q = 0; q < N; ++q) _mm256_storeu_ps(o + (r * N + q) * pos_stride + c, out[q]);
       }
     }
   }
 }
 
-// act(A^T m A + b (+ residual)) for tiles [t0, t1), written where the 2x2 tile lies inside the
+// act(A^T m A + b (+ residual)) for tiles [t0, t1), written where the M x M tile lies inside the
 // output, 8 channels per step (cout is a multiple of 16).
+template <int M>
 __attribute__((target("avx2,fma"))) void winograd_output(const float* m, float* out, const float* bias,
                                                          const float* res, bool relu, const Geometry& g,
                                                          int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
                                                          int64_t tiles) {
+  constexpr int N = Winograd<M>::N;
   const int64_t cout = g.cout, pos_stride = tiles * cout;
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
     const float* mt = m + t * cout;
-    int64_t off[2][2];
-    bool inside[2][2];
-    for (int64_t i = 0; i < 2; ++i) {
-      for (int64_t j = 0; j < 2; ++j) {
-        const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+    int64_t off[M][M];
+    bool inside[M][M];
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < M; ++j) {
+        const int64_t oy = M * ty + i, ox = M * tx + j;
         inside[i][j] = oy < g.oh && ox < g.ow;
         off[i][j] = ((img * g.oh + std::min(oy, g.oh - 1)) * g.ow + std::min(ox, g.ow - 1)) * cout;
       }
     }
     for (int64_t c = 0; c < cout; c += 8) {
-      __m256 s[2][4];  // A^T m: rows
-      for (int64_t q = 0; q < 4; ++q) {
-        const __m256 m0 = _mm256_loadu_ps(mt + (0 * 4 + q) * pos_stride + c),
-                     m1 = _mm256_loadu_ps(mt + (1 * 4 + q) * pos_stride + c),
-                     m2 = _mm256_loadu_ps(mt + (2 * 4 + q) * pos_stride + c),
-                     m3 = _mm256_loadu_ps(mt + (3 * 4 + q) * pos_stride + c);
-        s[0][q] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-        s[1][q] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      __m256 s[M][N];  // A^T m, by rows
+      for (int64_t q = 0; q < N; ++q) {
+        __m256 col[N], o[M];
+        for (int64_t p = 0; p < N; ++p) col[p] = _mm256_loadu_ps(mt + (p * N + q) * pos_stride + c);
+        Winograd<M>::output(col, o);
+        for (int64_t i = 0; i < M; ++i) s[i][q] = o[i];
       }
       const __m256 b = bias ? _mm256_loadu_ps(bias + c) : zero;
-      for (int64_t i = 0; i < 2; ++i) {  // (A^T m) A: columns
-        __m256 y[2] = {_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), b),
-                       _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), b)};
-        for (int64_t j = 0; j < 2; ++j) {
+      for (int64_t i = 0; i < M; ++i) {  // (A^T m) A
+        __m256 y[M];
+        Winograd<M>::output(s[i], y);
+        for (int64_t j = 0; j < M; ++j) {
           if (!inside[i][j]) continue;
-          if (res) y[j] = _mm256_add_ps(y[j], _mm256_loadu_ps(res + off[i][j] + c));
-          if (relu) y[j] = _mm256_max_ps(zero, y[j]);  // NaN kept, as in micro_tile
-          _mm256_storeu_ps(out + off[i][j] + c, y[j]);
+          __m256 v = _mm256_add_ps(y[j], b);
+          if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + off[i][j] + c));
+          if (relu) v = _mm256_max_ps(zero, v);  // NaN kept, as in micro_tile
+          _mm256_storeu_ps(out + off[i][j] + c, v);
         }
       }
     }
   }
 }
-#endif
 
-}  // namespace
-
-int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding) {
-  TORCH_CHECK(x_shape.size() == 4 && padding.size() == 2, "winograd_workspace_size: expected a 4-D input shape");
-  const int64_t oh = x_shape[2] + 2 * padding[0] - 2, ow = x_shape[3] + 2 * padding[1] - 2;
-  const int64_t tiles = x_shape[0] * ((oh + 1) / 2) * ((ow + 1) / 2);
-  return 16 * tiles * (x_shape[1] + cout);  // V [16][tiles][Cin], then M [16][tiles][Cout]
-}
-
-at::Tensor pack_winograd_weight(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
-              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] weight, got ", w.sizes(), " ", w.scalar_type());
-  TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
-  const int64_t cout = w.size(0), cin = w.size(1);
-  const at::Tensor wc = w.contiguous();
-  const float* src = wc.const_data_ptr<float>();
-  // [16 positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
-  at::Tensor packed = at::empty({16, cout / NR, cin, NR}, w.options().memory_format(at::MemoryFormat::Contiguous));
-  float* dst = packed.mutable_data_ptr<float>();
-  const int64_t pos_stride = cout * cin;
-  // U = G g G^T per (cout, cin), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], in float64 and rounded
-  // once, so the transform adds no rounding of its own.
-  at::parallel_for(0, cout, 1, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t c = 0; c < cin; ++c) {
-        const float* g = src + (o * cin + c) * 9;
-        double t[4][3];  // G g
-        for (int64_t j = 0; j < 3; ++j) {
-          const double g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
-          t[0][j] = g0;
-          t[1][j] = 0.5 * (g0 + g1 + g2);
-          t[2][j] = 0.5 * (g0 - g1 + g2);
-          t[3][j] = g2;
-        }
-        float* out = dst + ((o / NR) * cin + c) * NR + o % NR;
-        for (int64_t i = 0; i < 4; ++i) {  // (G g) G^T
-          const double u[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]), 0.5 * (t[i][0] - t[i][1] + t[i][2]),
-                               t[i][2]};
-          for (int64_t j = 0; j < 4; ++j) out[(i * 4 + j) * pos_stride] = static_cast<float>(u[j]);
-        }
-      }
-    }
-  });
-  return packed;
-}
-
-at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
-                                  const std::optional<at::Tensor>& out_, const std::optional<at::Tensor>& workspace) {
-  const char* name = "conv_winograd_bias_act";
-  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": expected a float32 input, got ", x.scalar_type());
-  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 16 && packed.size(3) == NR && packed.size(2) == x.size(1) &&
-                  packed.scalar_type() == at::kFloat && packed.is_contiguous(),
-              name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");
-  TORCH_CHECK(x.size(1) % 8 == 0, name, ": input channels must be a multiple of 8, got ", x.size(1));
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": x must be channels_last");
-  const Geometry g = check_args(name, x, 3, 3, packed.size(1) * NR, b, residual, {1, 1}, padding, {1, 1});
-  at::Tensor out = output_for(name, x, residual, g, out_);
-#if RF_HAVE_CONV_GEMM
-  const int64_t tiles_h = (g.oh + 1) / 2, tiles_w = (g.ow + 1) / 2, tiles = g.n * tiles_h * tiles_w;
+template <int M>
+void winograd_run(const float* xp, const float* up, const float* bp, const float* rp, float* op, float* vp, bool relu,
+                  const Geometry& g) {
+  constexpr int64_t P = Winograd<M>::N * Winograd<M>::N;
+  const int64_t tiles_h = (g.oh + M - 1) / M, tiles_w = (g.ow + M - 1) / M, tiles = g.n * tiles_h * tiles_w;
   const int64_t cin = g.cin, cout = g.cout, panels = cout / NR;
-  // V and M: in the caller's workspace when given (kept warm between calls), else fresh.
-  const int64_t need = winograd_workspace_size(x.sizes(), cout, padding);
-  at::Tensor space;
-  if (workspace.has_value()) {
-    space = *workspace;
-    TORCH_CHECK(space.scalar_type() == at::kFloat && space.device().is_cpu() && space.is_contiguous() &&
-                    space.numel() >= need,
-                name, ": workspace must be a contiguous float32 CPU tensor of at least ", need, " elements");
-    at::assert_no_overlap(space, x);
-    at::assert_no_overlap(space, out);
-  } else {
-    space = at::empty({need}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  }
-  const float* xp = x.const_data_ptr<float>();
-  float* vp = space.mutable_data_ptr<float>();
-  float* mp = vp + 16 * tiles * cin;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { winograd_input(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
-  const float* up = packed.const_data_ptr<float>();
+  float* mp = vp + P * tiles * cin;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { winograd_input<M>(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
   const bool wide = use_avx512();
   const int64_t np_tile = wide ? NP512 : 1;
   const int64_t mt = even_rows(tiles), row_tiles = (tiles + mt - 1) / mt;
-  share_tasks(16 * row_tiles, [&](const auto& take) {
-    for (int64_t task = take(); task < 16 * row_tiles; task = take()) {
+  share_tasks(P * row_tiles, [&](const auto& take) {
+    for (int64_t task = take(); task < P * row_tiles; task = take()) {
       const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * mt, m1 = std::min(tiles, m0 + mt);
       const float* a_base = vp + pos * tiles * cin;
       float* c_base = mp + pos * tiles * cout;
@@ -767,11 +764,101 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
       }
     }
   });
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    winograd_output<M>(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles);
+  });
+}
+#endif
+
+template <int M>
+void pack_winograd(const float* src, float* dst, int64_t cout, int64_t cin) {
+  constexpr int N = Winograd<M>::N;
+  const int64_t pos_stride = cout * cin;
+  // U = G g G^T per (cout, cin) in float64, rounded once, so the transform adds no rounding of its own.
+  at::parallel_for(0, cout, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t c = 0; c < cin; ++c) {
+        double g[9], t[N][3], u[N];
+        for (int64_t k = 0; k < 9; ++k) g[k] = src[(o * cin + c) * 9 + k];
+        double col[N];
+        for (int64_t j = 0; j < 3; ++j) {  // G g, column j
+          Winograd<M>::weight(g + j, 3, col);
+          for (int64_t i = 0; i < N; ++i) t[i][j] = col[i];
+        }
+        float* out = dst + ((o / NR) * cin + c) * NR + o % NR;
+        for (int64_t i = 0; i < N; ++i) {  // (G g) G^T, row i
+          Winograd<M>::weight(t[i], 1, u);
+          for (int64_t j = 0; j < N; ++j) out[(i * N + j) * pos_stride] = static_cast<float>(u[j]);
+        }
+      }
+    }
+  });
+}
+
+int64_t winograd_positions(int64_t tile) { return (tile + 2) * (tile + 2); }
+
+}  // namespace
+
+int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding, int64_t tile) {
+  TORCH_CHECK(x_shape.size() == 4 && padding.size() == 2, "winograd_workspace_size: expected a 4-D input shape");
+  TORCH_CHECK(tile == 2 || tile == 4, "winograd_workspace_size: tile must be 2 or 4, got ", tile);
+  const int64_t oh = x_shape[2] + 2 * padding[0] - 2, ow = x_shape[3] + 2 * padding[1] - 2;
+  const int64_t tiles = x_shape[0] * ((oh + tile - 1) / tile) * ((ow + tile - 1) / tile);
+  return winograd_positions(tile) * tiles * (x_shape[1] + cout);  // V [P][tiles][Cin], then M [P][tiles][Cout]
+}
+
+at::Tensor pack_winograd_weight(const at::Tensor& w, int64_t tile) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
+              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] weight, got ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
+  TORCH_CHECK(tile == 2 || tile == 4, "pack_winograd_weight: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
+              tile);
+  const int64_t cout = w.size(0), cin = w.size(1);
+  const at::Tensor wc = w.contiguous();
+  // [P positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
+  at::Tensor packed = at::empty({winograd_positions(tile), cout / NR, cin, NR},
+                                w.options().memory_format(at::MemoryFormat::Contiguous));
+  if (tile == 2) {
+    pack_winograd<2>(wc.const_data_ptr<float>(), packed.mutable_data_ptr<float>(), cout, cin);
+  } else {
+    pack_winograd<4>(wc.const_data_ptr<float>(), packed.mutable_data_ptr<float>(), cout, cin);
+  }
+  return packed;
+}
+
+at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
+                                  const std::optional<at::Tensor>& out_, const std::optional<at::Tensor>& workspace) {
+  const char* name = "conv_winograd_bias_act";
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": expected a float32 input, got ", x.scalar_type());
+  // The tile size is the packed weight's: 16 positions for F(2x2, 3x3), 36 for F(4x4, 3x3).
+  const int64_t tile = packed.dim() == 4 && packed.size(0) == 36 ? 4 : 2;
+  TORCH_CHECK(packed.dim() == 4 && (packed.size(0) == 16 || packed.size(0) == 36) && packed.size(3) == NR &&
+                  packed.size(2) == x.size(1) && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");
+  TORCH_CHECK(x.size(1) % 8 == 0, name, ": input channels must be a multiple of 8, got ", x.size(1));
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": x must be channels_last");
+  const Geometry g = check_args(name, x, 3, 3, packed.size(1) * NR, b, residual, {1, 1}, padding, {1, 1});
+  at::Tensor out = output_for(name, x, residual, g, out_);
+#if RF_HAVE_CONV_GEMM
+  // V and M: in the caller's workspace when given (kept warm between calls), else fresh.
+  const int64_t need = winograd_workspace_size(x.sizes(), g.cout, padding, tile);
+  at::Tensor space;
+  if (workspace.has_value()) {
+    space = *workspace;
+    TORCH_CHECK(space.scalar_type() == at::kFloat && space.device().is_cpu() && space.is_contiguous() &&
+                    space.numel() >= need,
+                name, ": workspace must be a contiguous float32 CPU tensor of at least ", need, " elements");
+    at::assert_no_overlap(space, x);
+    at::assert_no_overlap(space, out);
+  } else {
+    space = at::empty({need}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
   const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  at::parallel_for(0, tiles, 16,
-                   [&](int64_t t0, int64_t t1) { winograd_output(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles); });
+  auto run = tile == 4 ? winograd_run<4> : winograd_run<2>;
+  run(x.const_data_ptr<float>(), packed.const_data_ptr<float>(), bp, rp, out.mutable_data_ptr<float>(),
+      space.mutable_data_ptr<float>(), relu, g);
 #endif
   return out;
 }

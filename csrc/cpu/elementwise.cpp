@@ -56,6 +56,18 @@ bool all_finite_bits(const void* data, int64_t n, bits_t exponent) {
 
 }  // namespace
 
+void evict_from_cache(const at::Tensor& t) {
+#if defined(__x86_64__) || defined(_M_X64)
+  // Its storage's every cache line written back and dropped from all levels (clflush: SSE2, so every
+  // x86-64 CPU), as a weight is when its layer runs in a forward whose weights do not fit in cache.
+  if (!t.defined() || t.is_mkldnn() || !t.has_storage() || t.storage().data() == nullptr) return;
+  const char* p = static_cast<const char*>(t.storage().data());
+  const size_t n = t.storage().nbytes();
+  for (size_t i = 0; i < n; i += 64) _mm_clflush(p + i);
+  _mm_mfence();
+#endif
+}
+
 bool all_finite(const at::Tensor& t) {
   if (!t.defined() || t.numel() == 0) return true;
   if (!t.is_non_overlapping_and_dense()) return all_finite(t.contiguous());

@@ -18,6 +18,9 @@ at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArray
 
 // No Inf or NaN in t (one vectorized, parallel read pass over its memory).
 bool all_finite(const at::Tensor& t);
+// t's memory flushed from every cache level (x86-64; elsewhere nothing): a layer's weights as a forward
+// meets them, for layer_choice's timing.
+void evict_from_cache(const at::Tensor& t);
 
 // out = act(x * scale[c] + shift[c] (+ residual)); out may alias x. x, residual and out are dense in
 // one memory format (contiguous or channels_last); scale/shift are undefined (1 / 0) or dense 1-D in
@@ -60,14 +63,14 @@ at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
 at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
                               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out);
-// 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) (same file, same CPUs, same out rules).
-// w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [16, Cout/16, Cin, 16] panels.
-at::Tensor pack_winograd_weight(const at::Tensor& w);
+// 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) or F(4x4, 3x3) (same file, same CPUs, same out
+// rules). w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [P, Cout/16, Cin, 16] panels, P = (tile + 2)^2.
+at::Tensor pack_winograd_weight(const at::Tensor& w, int64_t tile);
 at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
                                   const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
                                   const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& workspace);
 // Float32 elements of the scratch conv_winograd_bias_act needs (its transformed input and products).
-int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding);
+int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding, int64_t tile);
 
 // Training batch norm (batchnorm.cpp). x, dy, residual, dx, dres dense in one memory format; scale,
 // shift, mean and the coefficients dense 1-D in x's math type (float, double for float64 x).

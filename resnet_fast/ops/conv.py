@@ -66,7 +66,7 @@ _MAX_PACKS_PER_WEIGHT = 4
 def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
     """oneDNN's fused convolution (prepacked weight), or where our kernels run (float32, groups 1, AVX2),
     whichever layer_choice measured fastest for this shape on this CPU (once; cached on disk): the
-    implicit GEMM, or for 3x3 stride-1 layers Winograd F(2x2, 3x3). With `inplace` (CPU) every path writes
+    implicit GEMM, or for 3x3 stride-1 layers Winograd F(2x2, 3x3) or F(4x4, 3x3). With `inplace` (CPU) every path writes
     into the residual; else ours write into a buffer from the run's Buffers, oneDNN into a fresh output."""
     C = _ext.load()
     slot = fold.packed_slot(w)
@@ -118,16 +118,29 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         residual is not None,
         "cpu",
     )
-    path = layer_choice.choose_cpu(choice_key, candidates)
+    # Each sample runs as in a forward: the layer's weights out of cache (ResNet-50's are ~100 MB; else
+    # a path with bigger weights, Winograd F(4x4)'s are 4x the conv's, looks faster than it runs there),
+    # and oneDNN's output in fresh pages unless it adds into the residual (it cannot write into the
+    # forward's kept buffers; warm reused memory would hide its page faults).
+    evict, release = C.evict_from_cache, layer_choice.release_free_memory
+
+    def before(path: str) -> None:
+        for packed in list(slot.values()):
+            evict(packed)
+        if path == "onednn" and library is onednn:
+            release()
+
+    path = layer_choice.choose_cpu(choice_key, candidates, before=before)
+    for name in kernels:
+        if name != path:
+            slot.pop((name,), None)  # our packed weight, if measured: not needed (a plan holds its own)
     if path == "onednn":
-        for name in kernels:
-            slot.pop((name,), None)  # our packed weight, if measured: not needed
         return library
     slot.pop(key, None)  # oneDNN's, if measured: only a Winograd plan keeps it (its fallback)
     kernel = kernels[path]
     all_finite = C.all_finite
-    # Winograd's transforms mix a 4x4 patch: one Inf or NaN would reach outputs that torch keeps finite.
-    fallback = onednn if path == "winograd" else None
+    # Winograd's transforms mix a 4x4 or 6x6 patch: one Inf or NaN would reach outputs that torch keeps finite.
+    fallback = onednn if path.startswith("winograd") else None
 
     def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
         if fallback is not None and not all_finite(x):
@@ -149,7 +162,9 @@ def _own_kernels(
     """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
     take groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where
     present), and a folded, finite weight (packed once, kept beside it). Float32: a 3x3 stride-1 layer
-    gets Winograd instead of the implicit GEMM (which it beats on every ResNet shape measured); a layer
+    gets Winograd instead of the implicit GEMM (which it beats on every ResNet shape measured), F(2x2, 3x3)
+    ("winograd") and F(4x4, 3x3) ("winograd4": fewer multiplications, 2.25x the weight bytes, which
+    loses where a small input leaves the layer memory-bound: batch 1 at 7x7); a layer
     with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
     the GEMM. Bfloat16 (CPUs with AVX512_BF16, an even number of input channels): the GEMM."""
     if (
@@ -176,20 +191,29 @@ def _own_kernels(
         and list(dilation) == [1, 1]
         and w.shape[1] % 8 == 0
     ):
-        packed = _packed(slot, "winograd", lambda: C.pack_winograd_weight(w))
-        size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding)
-        winograd = C.conv_winograd_bias_act
-
-        def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
-            space = buffers.scratch(size, x) if buffers is not None else None
-            x = x.contiguous(memory_format=_CL)
-            return winograd(x, packed(), bias, residual, relu, padding, out, space)
-
-        return {"winograd": run_winograd}
+        return {
+            "winograd": _winograd(C, slot, x, w, bias, relu, padding, 2),
+            "winograd4": _winograd(C, slot, x, w, bias, relu, padding, 4),
+        }
     if w.shape[1] < 8 and list(dilation) == [1, 1]:
         return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
     packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
     return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+
+
+def _winograd(C, slot, x, w, bias, relu, padding, tile: int) -> Callable[..., Tensor]:
+    """Winograd F(tile x tile, 3x3) (C.conv_winograd_bias_act) on a weight transformed on first use."""
+    name = "winograd" if tile == 2 else f"winograd{tile}"
+    packed = _packed(slot, name, lambda: C.pack_winograd_weight(w, tile))
+    size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding, tile)
+    winograd = C.conv_winograd_bias_act
+
+    def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+        space = buffers.scratch(size, x) if buffers is not None else None
+        x = x.contiguous(memory_format=_CL)
+        return winograd(x, packed(), bias, residual, relu, padding, out, space)
+
+    return run_winograd
 
 
 def _gemm(gemm, packed, bias, relu, stride, padding, dilation) -> Callable[..., Tensor]:

@@ -314,7 +314,7 @@ def test_eval_model_matches_torchvision(arch, monkeypatch):
 def test_one_prepacked_weight_per_input_shape_at_most_four(monkeypatch):
     from resnet_fast.ops import layer_choice
 
-    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None: "onednn")
+    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None, before=None: "onednn")
     conv, bn = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False).eval(), torch.nn.BatchNorm2d(16).eval()
     for batch in (1, 2, 3, 4, 5, 1):
         x = torch.randn(batch, 8, 6, 6).contiguous(memory_format=CL)
@@ -332,7 +332,7 @@ def test_onednn_adds_the_residual_in_place_where_allowed(monkeypatch, poison):
     in-place binary op), NaN kept as torch keeps it; outside one, the residual is left alone."""
     from resnet_fast.ops import layer_choice
 
-    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None: "onednn")
+    monkeypatch.setattr(layer_choice, "choose_cpu", lambda key, run, cache=None, before=None: "onednn")
     resnet_fast.set_backend("cpp")
     conv, bn = torch.nn.Conv2d(32, 64, 1, bias=False).eval(), torch.nn.BatchNorm2d(64).eval()
     x = torch.randn(2, 32, 5, 5).contiguous(memory_format=CL)

@@ -4,6 +4,7 @@ its disk cache, with a fake timer (no GPU)."""
 import pytest
 import torch
 
+from resnet_fast import _ext
 from resnet_fast.ops import layer_choice
 
 
@@ -213,3 +214,28 @@ def test_cpu_key_and_file_name_the_machine():
     assert name.startswith("layer_choice-cpu") and f"torch{torch.__version__.split('+')[0]}" in name
     assert name.endswith(f"-k{layer_choice.KERNELS_REVISION}.json")  # our kernels' revision
     assert "family" in layer_choice.cpu_name()  # generations of one model name are told apart
+
+
+def test_before_runs_untimed_ahead_of_each_sample():
+    """measure(before=...) calls before(path) ahead of every timed sample, outside the timer."""
+    events = []
+
+    def timer(fn):
+        events.append(("sample", fn()))
+        return 1.0
+
+    run = {"onednn": lambda: "onednn", "gemm": lambda: "gemm"}
+    layer_choice.measure(run, timer, "onednn", rounds=2, before=lambda path: events.append(("before", path)))
+    assert events == [("before", "onednn"), ("sample", "onednn"), ("before", "gemm"), ("sample", "gemm")] * 2
+
+
+@pytest.mark.skipif(_ext.load() is None, reason="needs resnet_fast._C (the extension is not built)")
+def test_cache_eviction_and_memory_release_keep_values():
+    """What the CPU layer choice runs before each sample: a weight flushed from cache (its values
+    untouched; an opaque oneDNN tensor or an empty one is passed over) and free memory returned."""
+    t = torch.randn(1000, 37)
+    copy = t.clone()
+    _ext.load().evict_from_cache(t)
+    _ext.load().evict_from_cache(torch.empty(0))
+    layer_choice.release_free_memory()
+    assert torch.equal(t, copy)
