@@ -166,7 +166,8 @@ def _own_kernels(
     ("winograd") and F(4x4, 3x3) ("winograd4": fewer multiplications, 2.25x the weight bytes, which
     loses where a small input leaves the layer memory-bound: batch 1 at 7x7); a layer
     with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
-    the GEMM. Bfloat16 (CPUs with AVX512_BF16, an even number of input channels): the GEMM."""
+    the GEMM. Bfloat16 (CPUs with AVX512_BF16): the GEMM where the input channels pair up (an even
+    number), the GEMM over kernel rows where they are few (the stem's 3, given a zero fourth)."""
     if (
         slot is None
         or x.device.type != "cpu"
@@ -180,8 +181,12 @@ def _own_kernels(
     bias = None if b is None else b.float().contiguous()  # the kernels add a float32 bias
     gemm = C.conv_gemm_bias_act
     if x.dtype == torch.bfloat16:
-        # The GEMM on AVX512_BF16's dot products (channel pairs: Cin even), float32 sums rounded once.
-        if not C.conv_gemm_bf16_supported() or w.shape[1] % 2:
+        # The GEMM on AVX512_BF16's dot products (channel pairs), float32 sums rounded once.
+        if not C.conv_gemm_bf16_supported():
+            return {}
+        if w.shape[1] < 8 and list(dilation) == [1, 1]:
+            return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
+        if w.shape[1] % 2:
             return {}
         packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
         return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
@@ -230,12 +235,15 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
     """The implicit GEMM for a layer with few input channels (the stem: 3), reading each kernel row's KW
     taps as one pixel of KW x Cin channels: in a zero-padded channels_last copy of x, those taps lie next
     to each other, so a strided view of it is a KH x 1 convolution with KW x Cin input channels (7 taps of
-    21 instead of 49 taps of 3: the micro-kernel's K loop runs 7 times longer per row pointer)."""
+    21 instead of 49 taps of 3: the micro-kernel's K loop runs 7 times longer per row pointer). In
+    bfloat16 (channel pairs) the copy gets one zero channel more where KW x Cin is odd (the stem: 7 x 4)."""
     cout, cin, kh, kw = w.shape
+    cin_p = cin + (w.dtype == torch.bfloat16 and kw * cin % 2 == 1)  # channels of the padded copy
 
     def pack() -> Tensor:
-        # [Cout, Cin, KH, KW] -> [Cout, KW * Cin, KH, 1]: channel kx * Cin + c of the view's pixel.
-        return C.pack_conv_gemm_weight(w.permute(0, 3, 1, 2).reshape(cout, kw * cin, kh, 1))
+        # [Cout, Cin, KH, KW] -> [Cout, KW * Cin_p, KH, 1]: channel kx * Cin_p + c of the view's pixel.
+        wp = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, cin_p - cin))
+        return C.pack_conv_gemm_weight(wp.permute(0, 3, 1, 2).reshape(cout, kw * cin_p, kh, 1))
 
     packed = _packed(slot, "gemm_rows", pack)
     gemm = C.conv_gemm_bias_act
@@ -244,18 +252,20 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
     def run_gemm_rows(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         n, _, h, width = x.shape
         hp, wp = h + 2 * ph, width + 2 * pw
-        shape = [n, cin, hp, wp]
+        shape = [n, cin_p, hp, wp]
         if buffers is not None:
             padded = buffers.output(shape, x)
         else:
             padded = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
-        # Only the border is zeroed: the rest is x, copied (and made channels_last) in one pass.
-        for border in (padded[:, :, :ph], padded[:, :, hp - ph :]):
-            border.zero_()
-        for border in (padded[:, :, :, :pw], padded[:, :, :, wp - pw :]):
-            border.zero_()
-        padded[:, :, ph : ph + h, pw : pw + width].copy_(x)
-        view = padded.as_strided((n, kw * cin, hp, wp - kw + 1), (hp * wp * cin, 1, wp * cin, cin))
+        if cin_p != cin:
+            padded.zero_()
+        else:  # only the border: the rest is x, copied (and made channels_last) in one pass
+            for border in (padded[:, :, :ph], padded[:, :, hp - ph :]):
+                border.zero_()
+            for border in (padded[:, :, :, :pw], padded[:, :, :, wp - pw :]):
+                border.zero_()
+        padded[:, :cin, ph : ph + h, pw : pw + width].copy_(x)
+        view = padded.as_strided((n, kw * cin_p, hp, wp - kw + 1), (hp * wp * cin_p, 1, wp * cin_p, cin_p))
         return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)
 
     return run_gemm_rows

@@ -374,6 +374,29 @@ def test_bf16_gemm_matches_float64_reference(shape, residual):
 
 
 @needs_bf16
+@pytest.mark.parametrize("shape", ROWS_SHAPES)
+def test_bf16_gemm_over_kernel_rows_matches_float64_reference(shape):
+    """The bfloat16 GEMM over kernel rows (an odd KW x Cin gets a zero channel in the padded copy and
+    the weight), with test_bf16_gemm_matches_float64_reference's bounds, twice into kept buffers."""
+    batch, cin, cout, h, w, k, stride, padding = shape
+    x, weight, bias, res = (t.bfloat16() for t in _case(batch, cin, cout, h, w, k, stride, padding, 1, True))
+    geometry = ([stride] * 2, [padding] * 2, [1, 1])
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, 1)
+    assert list(kernels) == ["gemm_rows"]
+    expected = _reference(x, weight, bias.float(), res, True, stride, padding, 1)
+    theirs = torch.relu(F.conv2d(x, weight, bias, stride, padding) + res)
+    scale = expected.abs().max().item()
+    buffers = Buffers()
+    buffers.start(x)
+    for _ in range(2):
+        out = kernels["gemm_rows"](x, res, None, buffers)
+        assert out.dtype == torch.bfloat16
+        error = (out.double() - expected).abs().max().item()
+        assert error <= 2**-8 * scale
+        assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+
+
+@needs_bf16
 def test_bf16_gemm_writes_into_the_residual_and_checks_dtypes():
     x, weight, bias, res = (t.bfloat16() for t in _case(2, 64, 48, 6, 6, 1, 1, 0, 1, True))
     packed, bias = _C.pack_conv_gemm_weight(weight), bias.float()
@@ -391,15 +414,15 @@ def test_bf16_gemm_writes_into_the_residual_and_checks_dtypes():
 
 @needs_bf16
 def test_bf16_model_runs_on_our_gemm(_always_ours):
-    """A bfloat16 ResNet-50: every conv with an even number of input channels on the GEMM (the stem's 3
-    stay on oneDNN), within 2x torch's own bfloat16 error of the float32 model."""
+    """A bfloat16 ResNet-50: every conv on our GEMM (the stem's 3 channels, given a zero fourth, on the
+    GEMM over kernel rows), within 2x torch's own bfloat16 error of the float32 model."""
     ours, theirs = torchvision_pair()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = theirs(x).double()
         out = ours.bfloat16()(x.bfloat16())
         torch_bf16 = theirs.bfloat16()(x.bfloat16())
-    assert _always_ours == ["gemm"] * 52  # the stem has no candidate but oneDNN; the classifier runs F.linear
+    assert _always_ours == ["gemm_rows"] + ["gemm"] * 52  # the classifier runs F.linear
     error = (out.double() - expected).abs().max()
     assert error <= 2 * (torch_bf16.double() - expected).abs().max()
 
