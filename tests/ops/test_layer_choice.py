@@ -150,8 +150,8 @@ def test_capture_neither_measures_nor_caches_and_needs_a_warm_path(tmp_path, mon
 def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path, monkeypatch):
     cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
     calls = {"onednn": 0, "gemm": 0}
-    # Within 1.3x of each other: not decisive, every round runs.
-    monkeypatch.setattr(layer_choice, "cpu_timer", _fake_timer({"onednn": 1.0, "gemm": 1.2, "winograd": 0.9}))
+    # Within CPU_DECISIVE of each other: not decisive, every round runs.
+    monkeypatch.setattr(layer_choice, "cpu_timer", _fake_timer({"onednn": 1.0, "gemm": 1.1, "winograd": 0.95}))
 
     def path(name):
         def run():
