@@ -97,7 +97,7 @@ at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // The float32 and bfloat16 max pool with AVX2 (this extension's portable at::vec builds without it), 8 channels
-// per step. A NaN wins, as in torch: v replaces acc where v > acc or v is NaN.
+// per step. A NaN wins, as in torch.
 // 8 channels of a pixel as float32: float as is, bfloat16 (T = uint16_t) widened exactly.
 __attribute__((target("avx2"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2"))) inline __m256 load8(const uint16_t* p) {
@@ -121,15 +121,18 @@ __attribute__((target("avx2"))) void max_pool_pixels(const T* xp, T* op, int64_t
     const int64_t y0 = std::max<int64_t>(0, oy * s[0] - p[0]), y1 = std::min(h, oy * s[0] - p[0] + k[0]);
     const int64_t x0 = std::max<int64_t>(0, ox * s[1] - p[1]), x1 = std::min(w, ox * s[1] - p[1] + k[1]);
     for (int64_t ch = 0; ch < c; ch += 8) {
-      __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      // The maximum of the non-NaN values (vmaxps), NaN where any value was NaN (vmaxps alone would let
+      // a later number replace a NaN already in acc): 3 instructions a value instead of 5 (compare,
+      // NaN test, or, blend).
+      __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan_seen = _mm256_setzero_ps();
       for (int64_t iy = y0; iy < y1; ++iy) {
         for (int64_t ix = x0; ix < x1; ++ix) {
           const __m256 v = load8(xp + ((img * h + iy) * w + ix) * c + ch);
-          const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, acc, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-          acc = _mm256_blendv_ps(acc, v, take);
+          nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          acc = _mm256_max_ps(acc, v);
         }
       }
-      store8(op + pix * c + ch, acc);
+      store8(op + pix * c + ch, _mm256_blendv_ps(acc, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan_seen));
     }
   }
 }
