@@ -389,6 +389,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_workspace_size", &resnet_fast::cpu::winograd_workspace_size,
         "float32 elements of the workspace conv_winograd_bias_act needs for this input shape and tile",
         py::arg("x_shape"), py::arg("cout"), py::arg("padding"), py::arg("tile") = 2);
+  m.def("pad_cl", &resnet_fast::cpu::pad_cl,
+        "write x zero-padded by padding (H, W) and to out's channel count into out (channels_last), in one pass",
+        py::arg("x"), py::arg("padding"), py::arg("out"));
   m.def("max_pool_cl", &resnet_fast::cpu::max_pool_cl,
         "max_pool2d (no dilation, floor mode) on a channels_last CPU tensor, written into out when given",
         py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("out") = py::none());

@@ -148,6 +148,63 @@ void max_pool_avx2(const T* xp, T* op, int64_t n, int64_t c, int64_t h, int64_t 
 }
 #endif
 
+namespace {
+// w pixels of c elements -> w pixels of cp, the extra ones zero (T: an unsigned type of the element's size).
+template <typename T>
+inline __attribute__((always_inline)) void pad_pixels(const T* src, T* dst, int64_t w, int64_t c, int64_t cp) {
+  for (int64_t i = 0; i < w; ++i) {
+    for (int64_t ch = 0; ch < c; ++ch) dst[i * cp + ch] = src[i * c + ch];
+    for (int64_t ch = c; ch < cp; ++ch) dst[i * cp + ch] = 0;
+  }
+}
+}  // namespace
+
+void pad_cl(const at::Tensor& x, at::IntArrayRef padding, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 4 && out.dim() == 4 && padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "pad_cl: expected 4-D x and out and 2 paddings");
+  TORCH_CHECK(x.element_size() == 2 || x.element_size() == 4 || x.element_size() == 8,
+              "pad_cl: expected elements of 2, 4 or 8 bytes, got ", x.scalar_type());
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), ph = padding[0], pw = padding[1];
+  const int64_t cp = out.size(1), hp = h + 2 * ph, wp = w + 2 * pw;
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device().is_cpu() && x.device().is_cpu() &&
+                  out.size(0) == n && cp >= c && out.size(2) == hp && out.size(3) == wp &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "pad_cl: out must be a channels_last CPU tensor [N, >= C, H + 2 ph, W + 2 pw] of x's dtype, got ",
+              out.sizes(), " for x ", x.sizes());
+  at::assert_no_overlap(out, x);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t size = x.element_size();
+  const char* xp = static_cast<const char*>(xc.const_data_ptr());
+  char* op = static_cast<char*>(out.mutable_data_ptr());
+  // One pass over out, row by row: zeros for the padding rows and columns and the channels past C, x's
+  // pixels in between (a channels_last row of x is one block when cp == c).
+  at::parallel_for(0, n * hp, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t img = r / hp, y = r % hp - ph;
+      char* row = op + r * wp * cp * size;
+      if (y < 0 || y >= h) {
+        std::memset(row, 0, wp * cp * size);
+        continue;
+      }
+      std::memset(row, 0, pw * cp * size);
+      std::memset(row + (pw + w) * cp * size, 0, pw * cp * size);
+      const char* src = xp + (img * h + y) * w * c * size;
+      char* dst = row + pw * cp * size;
+      if (cp == c) {
+        std::memcpy(dst, src, w * c * size);
+      } else if (size == 2 && c == 3 && cp == 4) {  // the bfloat16 stem: fixed sizes, so the loop unrolls
+        pad_pixels(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), w, int64_t{3}, int64_t{4});
+      } else if (size == 2) {
+        pad_pixels(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), w, c, cp);
+      } else if (size == 4) {
+        pad_pixels(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst), w, c, cp);
+      } else {
+        pad_pixels(reinterpret_cast<const uint64_t*>(src), reinterpret_cast<uint64_t*>(dst), w, c, cp);
+      }
+    }
+  });
+}
+
 at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                        const std::optional<at::Tensor>& out_) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && at::isFloatingType(x.scalar_type()),

@@ -16,6 +16,8 @@ at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
 at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                        const std::optional<at::Tensor>& out);
 
+// out [N, Cp, H + 2 ph, W + 2 pw] (channels_last, Cp >= C) = x zero-padded in space and in channels, one pass.
+void pad_cl(const at::Tensor& x, at::IntArrayRef padding, const at::Tensor& out);
 // No Inf or NaN in t (one vectorized, parallel read pass over its memory).
 bool all_finite(const at::Tensor& t);
 // t's memory flushed from every cache level (x86-64; elsewhere nothing): a layer's weights as a forward

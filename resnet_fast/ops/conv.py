@@ -257,14 +257,7 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
             padded = buffers.output(shape, x)
         else:
             padded = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
-        if cin_p != cin:
-            padded.zero_()
-        else:  # only the border: the rest is x, copied (and made channels_last) in one pass
-            for border in (padded[:, :, :ph], padded[:, :, hp - ph :]):
-                border.zero_()
-            for border in (padded[:, :, :, :pw], padded[:, :, :, wp - pw :]):
-                border.zero_()
-        padded[:, :cin, ph : ph + h, pw : pw + width].copy_(x)
+        C.pad_cl(x, padding, padded)  # x zero-padded (and given a zero channel where cin_p > cin), one pass
         view = padded.as_strided((n, kw * cin_p, hp, wp - kw + 1), (hp * wp * cin_p, 1, wp * cin_p, cin_p))
         return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)
 

@@ -171,6 +171,21 @@ def test_gemm_over_kernel_rows_matches_float64_reference(isa, shape, residual):
         expected = _reference(x, weight, bias, res, True, stride, padding, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("extra", [0, 1, 5])  # zero channels added
+def test_pad_cl_pads_space_and_channels(dtype, extra):
+    """The padded copy the GEMM over kernel rows reads: x zero-padded in H, W and channels, whatever
+    was in the buffer before, from a channels_last or a contiguous x."""
+    x = torch.randn(2, 3, 5, 7, dtype=dtype)
+    expected = F.pad(x, (2, 2, 1, 1, 0, extra))
+    for source in (x, x.contiguous(memory_format=CL)):
+        out = torch.full(expected.shape, float("nan"), dtype=dtype).contiguous(memory_format=CL)
+        _C.pad_cl(source, [1, 2], out)
+        assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="out must be"):
+        _C.pad_cl(x, [1, 1], torch.empty(2, 3, 7, 9, dtype=dtype))  # not channels_last
+
+
 def test_without_bias():
     x, weight, _, _ = _case(2, 24, 32, 6, 6, 3, 1, 1, 1, False)
     expected = _reference(x, weight, None, None, True, 1, 1, 1)

@@ -151,7 +151,9 @@ def test_cpu_choice_measures_once_with_ties_to_onednn(tmp_path, monkeypatch):
     cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
     calls = {"onednn": 0, "gemm": 0}
     # Within CPU_DECISIVE of each other: not decisive, every round runs.
-    monkeypatch.setattr(layer_choice, "cpu_timer", _fake_timer({"onednn": 1.0, "gemm": 1.1, "winograd": 0.95}))
+    monkeypatch.setattr(
+        layer_choice, "cpu_timer", _fake_timer({"onednn": 1.0, "gemm": 1.1, "winograd": 0.95})
+    )
 
     def path(name):
         def run():
