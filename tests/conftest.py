@@ -17,10 +17,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_choice_caches(tmp_path_factory):
-    """Per-layer path choices measured during the tests go to a temporary folder, not ~/.cache."""
+    """Per-layer path choices measured during the tests go to a temporary folder, not ~/.cache (the
+    environment variable for the CLI and torchrun processes the tests start)."""
     from resnet_fast.ops import layer_choice
 
     root = tmp_path_factory.mktemp("layer_choice")
+    os.environ["RESNET_FAST_CACHE"] = str(root)
     layer_choice.CACHE = layer_choice.ChoiceCache(root / "cuda.json")
     layer_choice.CPU_CACHE = layer_choice.ChoiceCache(root / "cpu.json", device_type="cpu")
 
