@@ -54,16 +54,33 @@ bool all_finite_bits(const void* data, int64_t n, bits_t exponent) {
   return finite.load();
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+// Lines [begin, end) of p flushed with clflushopt (weakly ordered: the caller fences).
+__attribute__((target("clflushopt"))) void flush_lines_opt(char* p, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) _mm_clflushopt(p + i * 64);
+}
+#endif
+
 }  // namespace
 
 void evict_from_cache(const at::Tensor& t) {
 #if defined(__x86_64__) || defined(_M_X64)
-  // Its storage's every cache line written back and dropped from all levels (clflush: SSE2, so every
-  // x86-64 CPU), as a weight is when its layer runs in a forward whose weights do not fit in cache.
+  // Its storage's every cache line written back and dropped from all levels, as a weight is when its
+  // layer runs in a forward whose weights do not fit in cache. clflushopt where the CPU has it (Zen,
+  // Skylake and later): clflush serialises line by line, and flushing every candidate's weights before
+  // each sample took 1.14 of a 3.6 s first call with an empty choice cache (509 MB, Xeon with AMX).
   if (!t.defined() || t.is_mkldnn() || !t.has_storage() || t.storage().data() == nullptr) return;
-  const char* p = static_cast<const char*>(t.storage().data());
-  const size_t n = t.storage().nbytes();
-  for (size_t i = 0; i < n; i += 64) _mm_clflush(p + i);
+  char* p = static_cast<char*>(const_cast<void*>(t.storage().data()));
+  const int64_t lines = static_cast<int64_t>((t.storage().nbytes() + 63) / 64);
+  static const bool opt = __builtin_cpu_supports("clflushopt");
+  at::parallel_for(0, lines, 4096, [&](int64_t begin, int64_t end) {
+    if (opt) {
+      flush_lines_opt(p, begin, end);
+    } else {
+      for (int64_t i = begin; i < end; ++i) _mm_clflush(p + i * 64);
+    }
+    _mm_mfence();
+  });
   _mm_mfence();
 #endif
 }
