@@ -150,19 +150,24 @@ def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) 
 
 def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     """First calls on fresh models, then steady state at batch N and batch 1."""
-    with tempfile.TemporaryDirectory() as empty:
-        # A fresh model with no layer choice on disk: every distinct conv shape is timed in this call.
-        fresh = layer_choice.ChoiceCache(Path(empty) / "choices.json", device_type="cpu")
-        saved, layer_choice.CPU_CACHE = layer_choice.CPU_CACHE, fresh
+    with tempfile.TemporaryDirectory() as folder:
+        # Both on fresh models with their own choice file: the first call finds it empty (every distinct
+        # conv shape is timed in it), the second reads what the first wrote, as the next process would
+        # (not ~/.cache, which may hold other shapes only, or nothing after KERNELS_REVISION changed).
+        choices = Path(folder) / "choices.json"
+        saved = layer_choice.CPU_CACHE
         try:
+            layer_choice.CPU_CACHE = layer_choice.ChoiceCache(choices, device_type="cpu")
             model = _models(torch.float32)[0]
             empty_cache = _first_call(lambda: model(x))
+            layer_choice.CPU_CACHE = layer_choice.ChoiceCache(choices, device_type="cpu")
+            ours, theirs = _models(torch.float32)
+            cached = _first_call(lambda: ours(x))
         finally:
             layer_choice.CPU_CACHE = saved
-    ours, theirs = _models(torch.float32)
     compiled = _compiled(theirs)
     warm = {
-        "resnet_fast": _first_call(lambda: ours(x)),
+        "resnet_fast": cached,
         "resnet_fast_empty_cache": empty_cache,
         "compile+freezing": _first_call(lambda: compiled(x)),
     }
