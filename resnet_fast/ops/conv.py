@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _ext, fold
 from . import layer_choice
 from .backend import backend_for
-from .buffers import Buffers
+from .buffers import Buffers, keep_freed_memory
 from .fused import _layout
 
 __all__ = ["Runner", "conv_bias_act", "conv_route", "conv_runner", "scale_shift_act"]
@@ -97,6 +97,8 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
 
     library = onednn_in_place if inplace and residual is not None and x.device.type == "cpu" else onednn
     library.__name__ = "onednn"
+    if x.device.type == "cpu":
+        keep_freed_memory()  # oneDNN's outputs, and our first forward's, come back from the heap next time
     kernels = _own_kernels(C, slot, x, dense, b, relu, stride, padding, dilation, groups)
     if not kernels:
         return library
@@ -119,16 +121,13 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         "cpu",
     )
     # Each sample runs as in a forward: the layer's weights out of cache (ResNet-50's are ~100 MB; else
-    # a path with bigger weights, Winograd F(4x4)'s are 4x the conv's, looks faster than it runs there),
-    # and oneDNN's output in fresh pages unless it adds into the residual (it cannot write into the
-    # forward's kept buffers; warm reused memory would hide its page faults).
-    evict, release = C.evict_from_cache, layer_choice.release_free_memory
+    # a path with bigger weights, Winograd F(4x4)'s are 4x the conv's, looks faster than it runs there).
+    # oneDNN's fresh output comes from memory the heap kept, as in a forward (keep_freed_memory).
+    evict = C.evict_from_cache
 
     def before(path: str) -> None:
         for packed in list(slot.values()):
             evict(packed)
-        if path == "onednn" and library is onednn:
-            release()
 
     path = layer_choice.choose_cpu(choice_key, candidates, before=before)
     for name in kernels:

@@ -13,7 +13,6 @@ this process, and nothing is cached.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import statistics
@@ -201,24 +200,6 @@ def measure(
         if decisive is not None and all(ms[path] * decisive <= v for n, v in ms.items() if n != path):
             break
     return Choice(path, ms)
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Return the allocator's free memory to the system (glibc's malloc_trim; elsewhere nothing), so
-    that the next large allocation gets fresh pages, as a model's forward gives a path that writes into
-    new memory: 3,100 page faults, 2.3 -> 5.2 ms, for a bf16 batch-8 56x56x256 output on the Zen 4."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _capturing() -> bool:
