@@ -21,9 +21,12 @@ from torch import Tensor
 __all__ = ["Buffers", "current", "keep_freed_memory", "using"]
 
 
-# glibc's mallopt parameters, and the ceilings its own dynamic thresholds reach on 64-bit systems.
+# glibc's mallopt parameters. mmap: the most glibc accepts (and the ceiling of its own dynamic
+# threshold) on 64-bit systems; larger blocks are still mapped afresh. Trim: glibc returns the whole free
+# heap top to the system once it exceeds this, not only the excess, so it must hold a forward's freed
+# outputs together with what was free before (64 MiB, glibc's own dynamic ceiling, did not always).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_TRIM_BYTES, _MMAP_BYTES = 64 << 20, 32 << 20
+_TRIM_BYTES, _MMAP_BYTES = 1 << 30, 32 << 20
 _kept: bool | None = None
 
 
@@ -33,8 +36,8 @@ def keep_freed_memory() -> bool:
     gives fresh outputs, are the layers that cannot write into our Buffers: between two forwards glibc
     trimmed their freed outputs from the heap, so each forward faulted them in again (bf16 ResNet-50,
     batch 8: ~6,500 minor faults and ~15 ms of system time per forward; none with these settings, on a
-    Xeon with AMX). The values are the ceilings glibc's own dynamic thresholds move up to (32 MiB for
-    mmap, 64 MiB of free heap top kept), fixed there from the start."""
+    Xeon with AMX). Blocks up to 32 MiB come from the heap, and up to 1 GiB of free heap top is kept
+    for reuse, as onnxruntime's and OpenVINO's arenas keep their peak."""
     global _kept
     if _kept is None:
         try:
