@@ -68,6 +68,7 @@ def _own_kernels(module) -> str:
         f"choices in {layer_choice.cache_file('cpu')}"
         + (
             "; bfloat16: oneDNN or the implicit GEMM on AVX512_BF16"
+            + (" or on AMX tiles (channels in multiples of 32)" if module.conv_amx_supported() else "")
             if module.conv_gemm_bf16_supported()
             else ""
         )

@@ -34,10 +34,15 @@
 #include "resnet_fast.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define RF_HAVE_CONV_GEMM 1
 #else
 #define RF_HAVE_CONV_GEMM 0
+#endif
+#if RF_HAVE_CONV_GEMM && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace resnet_fast {
@@ -53,8 +58,25 @@ constexpr int64_t NP512 = 4;  // panels per AVX-512 tile
 
 // What this CPU runs, asked once.
 struct CpuFeatures {
-  bool avx2_fma = false, avx512f = false, avx512_bf16 = false;
+  bool avx2_fma = false, avx512f = false, avx512_bf16 = false, amx_bf16 = false;
 };
+
+// AMX-TILE and AMX-BF16, their state enabled by the OS (XCR0 bits 17 and 18) and, on Linux, this
+// process allowed to use the tile data (the kernel asks each process to request it: arch_prctl).
+bool amx_bf16_usable() {
+#if RF_HAVE_CONV_GEMM && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx >> 27 & 1)) return false;  // OSXSAVE: xgetbv usable
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx >> 22 & 1) || !(edx >> 24 & 1)) return false;
+  unsigned lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo >> 17 & 3) != 3) return false;
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return false;
+#endif
+}
 
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = [] {
@@ -63,6 +85,7 @@ const CpuFeatures& cpu_features() {
     f.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     f.avx512f = __builtin_cpu_supports("avx512f");
     f.avx512_bf16 = f.avx512f && __builtin_cpu_supports("avx512bf16");
+    f.amx_bf16 = f.avx512_bf16 && amx_bf16_usable();
 #endif
     return f;
   }();
@@ -543,6 +566,165 @@ void gemm_tasks(const Geometry& g, const at::Tensor& x, const T* wp, int64_t pan
 }
 #endif
 
+// ---- AMX (bfloat16) ----
+//
+// Intel AMX: eight tile registers of up to 16 rows x 64 bytes; TDPBF16PS adds the product of a 16 x 32
+// bfloat16 tile (A) and a 32 x 16 one stored as 16 rows of channel pairs (B) to a 16 x 16 float32 tile,
+// 8x the multiply-adds of one AVX512_BF16 instruction. B's layout is the bfloat16 GEMM's packed panel
+// ([taps][cin/2][16][2], 16 pairs of input channels a tile), so both read the same packed weight. An
+// A tile's 16 rows are up to 16 output pixels of one output row (in a 1x1 stride-1 layer any 16
+// consecutive pixels: a "segment"), read from x at a fixed stride; rows past the segment's pixels are
+// computed from whatever follows in x and dropped. A block is two segments (A tiles) by two panels (B
+// tiles) into four float32 accumulators, stored to a 32 x 32 block where bias, residual and ReLU (NaN
+// kept) are applied and the sums rounded to bfloat16 once.
+#if RF_HAVE_CONV_GEMM
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3 the accumulators, 4-5 A, 6-7 B: all 16 rows of 64 bytes.
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // else GCC 12 drops the stores above (ldtilecfg reads them)
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// c[32][32] = rows 0-15 from segment a0, 16-31 from a1 (a0[t]: tap t's first pixel, lda0 bytes between
+// pixels), columns 0-15 from panel b0, 16-31 from b1. The loads sit between the products that do not
+// read their tile, so that a load overlaps the product before it (tiles are not renamed).
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* const* a0, int64_t lda0,
+                                                            const uint16_t* const* a1, int64_t lda1, int64_t taps,
+                                                            int64_t cin, const uint16_t* b0, const uint16_t* b1,
+                                                            float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t *x0 = a0[t], *x1 = a1[t], *w0 = b0 + t * cin * NR, *w1 = b1 + t * cin * NR;
+    for (int64_t k = 0; k < cin; k += 32) {
+      _tile_loadd(4, x0 + k, lda0);
+      _tile_loadd(6, w0 + k * NR, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, w1 + k * NR, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, x1 + k, lda1);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// out rows [0, rows) (ld elements apart), 32 channels = act(c + bias (+ res)), rounded to bfloat16.
+__attribute__((target("avx512f,avx512bf16"))) void amx_epilogue(const float* c, int64_t rows, const float* bias,
+                                                                const uint16_t* res, uint16_t* out, int64_t ld,
+                                                                bool relu) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 bias0 = bias ? _mm512_loadu_ps(bias) : zero, bias1 = bias ? _mm512_loadu_ps(bias + NR) : zero;
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), bias0);
+    __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + NR), bias1);
+    if (res) {
+      v0 = _mm512_add_ps(v0, bf16x16_to_ps(res + i * ld));
+      v1 = _mm512_add_ps(v1, bf16x16_to_ps(res + i * ld + NR));
+    }
+    if (relu) {
+      v0 = _mm512_max_ps(zero, v0);  // NaN kept, as in micro_tile_avx2
+      v1 = _mm512_max_ps(zero, v1);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ld), (__m256i)_mm512_cvtneps_pbh(v0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ld + NR), (__m256i)_mm512_cvtneps_pbh(v1));
+  }
+}
+
+struct Segment {
+  int64_t m0, rows, in0;  // output pixels [m0, m0 + rows), the first read from x + in0 (tap 0)
+};
+
+// x channels_last, unpadded (padding 0), dilation 1; wp: [Cout/16][KH][KW][Cin/2][16][2].
+void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp,
+               uint16_t* op, bool relu) {
+  const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout, m_total = g.n * g.oh * g.ow;
+  const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
+  const int64_t x_end = x.numel(), row = g.w * cin;
+  const bool flat = taps == 1 && g.sh == 1 && g.sw == 1;  // pixels in a row of the output and x alike
+  const int64_t step = flat ? cin : g.sw * cin;           // elements between a segment's pixels
+  std::vector<Segment> segments;
+  if (flat) {
+    for (int64_t m = 0; m < m_total; m += 16) segments.push_back({m, std::min<int64_t>(16, m_total - m), m * cin});
+  } else {
+    for (int64_t img = 0; img < g.n; ++img)
+      for (int64_t oy = 0; oy < g.oh; ++oy)
+        for (int64_t ox = 0; ox < g.ow; ox += 16)
+          segments.push_back({(img * g.oh + oy) * g.ow + ox, std::min<int64_t>(16, g.ow - ox),
+                              img * g.h * row + oy * g.sh * row + ox * g.sw * cin});
+  }
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t ky = 0, t = 0; ky < g.kh; ++ky)
+    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) tap_offset[t] = ky * row + kx * cin;
+  // Tasks as in gemm_tasks: blocks (segment pairs), and groups of panel pairs where blocks are few.
+  const int64_t blocks = (int64_t(segments.size()) + 1) / 2, pairs = cout / 32;
+  const int64_t want = 32 * at::get_num_threads();
+  const int64_t per_task = (blocks + want - 1) / want, block_tasks = (blocks + per_task - 1) / per_task;
+  const int64_t groups = std::min(pairs, std::max<int64_t>(1, (want + block_tasks - 1) / block_tasks));
+  const int64_t per_group = (pairs + groups - 1) / groups;
+  const int64_t tasks = block_tasks * groups;
+  share_tasks(tasks, [&](const auto& take) {
+    amx_configure();
+    alignas(64) float c[32 * 32];
+    std::vector<uint16_t> gathered;  // a segment whose unused rows would read past x's end: its rows copied
+    std::vector<const uint16_t*> a(2 * taps);
+    for (int64_t task = take(); task < tasks; task = take()) {
+      const int64_t blk0 = (task / groups) * per_task, blk1 = std::min(blocks, blk0 + per_task);
+      const int64_t q0 = (task % groups) * per_group, q1 = std::min(pairs, q0 + per_group);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const Segment* seg[2] = {&segments[2 * blk], 2 * blk + 1 < int64_t(segments.size()) ? &segments[2 * blk + 1] : nullptr};
+        int64_t lda[2];
+        for (int j = 0; j < 2; ++j) {
+          const Segment& s = seg[j] ? *seg[j] : *seg[0];  // a lone last segment: its pair computed and dropped
+          const uint16_t** aj = a.data() + j * taps;
+          lda[j] = step * 2;
+          if (s.in0 + tap_offset[taps - 1] + 15 * step + cin <= x_end) {
+            for (int64_t t = 0; t < taps; ++t) aj[t] = xp + s.in0 + tap_offset[t];
+            continue;
+          }
+          gathered.resize(2 * taps * 16 * cin);
+          uint16_t* dst = gathered.data() + j * taps * 16 * cin;
+          for (int64_t t = 0; t < taps; ++t) {
+            for (int64_t i = 0; i < s.rows; ++i)
+              std::memcpy(dst + (t * 16 + i) * cin, xp + s.in0 + tap_offset[t] + i * step, cin * sizeof(uint16_t));
+            aj[t] = dst + t * 16 * cin;
+          }
+          lda[j] = cin * 2;
+        }
+        for (int64_t q = q0; q < q1; ++q) {
+          const uint16_t* w0 = wp + 2 * q * taps * cin * NR;
+          amx_block(a.data(), lda[0], a.data() + taps, lda[1], taps, cin, w0, w0 + taps * cin * NR, c);
+          for (int j = 0; j < 2 && seg[j]; ++j) {
+            const int64_t m0 = seg[j]->m0, at = m0 * cout + q * 32;
+            amx_epilogue(c + j * 16 * 32, seg[j]->rows, bp ? bp + q * 32 : nullptr, rp ? rp + at : nullptr, op + at,
+                         cout, relu);
+          }
+        }
+      }
+    }
+    amx_release();
+  });
+}
+#endif
+
 }  // namespace
 
 bool conv_gemm_supported() { return cpu_features().avx2_fma; }
@@ -553,6 +735,8 @@ std::string conv_gemm_isa() {
 }
 
 bool conv_gemm_bf16_supported() { return conv_gemm_supported() && cpu_features().avx512_bf16; }
+
+bool conv_amx_supported() { return cpu_features().amx_bf16; }
 
 at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 4 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
@@ -597,6 +781,37 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
                       residual.has_value() ? residual->const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
                       relu);
   }
+#endif
+  return out;
+}
+
+at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                             const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                             at::IntArrayRef padding, const std::optional<at::Tensor>& out_) {
+  const char* name = "conv_amx_bias_act";
+  TORCH_CHECK(conv_amx_supported(), name, ": this CPU has no AMX-BF16, or the OS does not let this process use it");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, ": expected a bfloat16 input, got ", x.scalar_type());
+  TORCH_CHECK(packed.dim() == 6 && packed.size(4) == NR && packed.size(3) * 2 == x.size(1) &&
+                  packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
+              name, ": weight not packed by pack_conv_gemm_weight for ", x.size(1), " bfloat16 input channels");
+  TORCH_CHECK(x.size(1) % 32 == 0 && packed.size(0) % 2 == 0, name,
+              ": input and output channels must be multiples of 32, got ", x.size(1), " and ", packed.size(0) * NR);
+  Geometry g = check_args(name, x, packed.size(1), packed.size(2), packed.size(0) * NR, b, residual, stride, padding,
+                          {1, 1});
+  at::Tensor out = output_for(name, x, residual, g, out_);
+#if RF_HAVE_CONV_GEMM
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor xs = x.contiguous(cl);
+  if (g.ph > 0 || g.pw > 0) {  // the kernel reads rows at a fixed stride: a zero-padded copy (one pass)
+    xs = at::empty({g.n, g.cin, g.h + 2 * g.ph, g.w + 2 * g.pw}, x.options().memory_format(cl));
+    pad_cl(x, padding, xs);
+    g.h += 2 * g.ph;
+    g.w += 2 * g.pw;
+    g.ph = g.pw = 0;
+  }
+  auto raw = [](const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); };
+  amx_tasks(g, xs, raw(packed), b.has_value() ? b->const_data_ptr<float>() : nullptr,
+            residual.has_value() ? raw(*residual) : nullptr, static_cast<uint16_t*>(out.mutable_data_ptr()), relu);
 #endif
   return out;
 }

@@ -65,6 +65,14 @@ at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
 at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
                               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out);
+// Whether conv_amx_bias_act runs here: AMX-BF16, enabled by the OS for this process.
+bool conv_amx_supported();
+// The bfloat16 convolution (dilation 1, Cin and Cout multiples of 32) on AMX tiles, with
+// pack_conv_gemm_weight's bfloat16 weight; same out rules as conv_gemm_bias_act. A padded layer reads a
+// zero-padded copy of x (the model's plan passes one it keeps, with padding 0).
+at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
+                             const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
+                             at::IntArrayRef padding, const std::optional<at::Tensor>& out);
 // 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) or F(4x4, 3x3) (same file, same CPUs, same out
 // rules). w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [P, Cout/16, Cin, 16] panels, P = (tile + 2)^2.
 at::Tensor pack_winograd_weight(const at::Tensor& w, int64_t tile);

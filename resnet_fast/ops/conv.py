@@ -166,7 +166,8 @@ def _own_kernels(
     loses where a small input leaves the layer memory-bound: batch 1 at 7x7); a layer
     with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
     the GEMM. Bfloat16 (CPUs with AVX512_BF16): the GEMM where the input channels pair up (an even
-    number), the GEMM over kernel rows where they are few (the stem's 3, given a zero fourth)."""
+    number), the GEMM over kernel rows where they are few (the stem's 3, given a zero fourth); on CPUs with AMX-BF16
+    also the convolution on AMX tiles ("amx") where the channels come in multiples of 32."""
     if (
         slot is None
         or x.device.type != "cpu"
@@ -188,7 +189,15 @@ def _own_kernels(
         if w.shape[1] % 2:
             return {}
         packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
-        return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+        kernels = {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+        if (
+            C.conv_amx_supported()
+            and w.shape[0] % 32 == 0
+            and w.shape[1] % 32 == 0
+            and list(dilation) == [1, 1]
+        ):
+            kernels["amx"] = _amx(C, packed, bias, relu, stride, padding)  # same packed weight
+        return kernels
     if (
         tuple(w.shape[2:]) == (3, 3)
         and list(stride) == [1, 1]
@@ -228,6 +237,29 @@ def _gemm(gemm, packed, bias, relu, stride, padding, dilation) -> Callable[..., 
         return gemm(x, packed(), bias, residual, relu, stride, padding, dilation, out)
 
     return run_gemm
+
+
+def _amx(C, packed, bias, relu, stride, padding) -> Callable[..., Tensor]:
+    """The bfloat16 convolution on AMX tiles (C.conv_amx_bias_act). Its tiles read pixels at a fixed
+    stride, so a padded layer reads a zero-padded copy of x, made in one pass into a buffer of the run."""
+    amx = C.conv_amx_bias_act
+    ph, pw = padding
+
+    def run_amx(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
+        x = x.contiguous(memory_format=_CL)
+        if ph or pw:
+            n, cin, h, width = x.shape
+            shape = [n, cin, h + 2 * ph, width + 2 * pw]
+            padded = (
+                buffers.output(shape, x)
+                if buffers is not None
+                else torch.empty(shape, dtype=x.dtype, memory_format=_CL)
+            )
+            C.pad_cl(x, padding, padded)
+            x = padded
+        return amx(x, packed(), bias, residual, relu, stride, [0, 0], out)
+
+    return run_amx
 
 
 def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]:

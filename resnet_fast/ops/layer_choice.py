@@ -29,7 +29,7 @@ LIBRARY_PATH = {"cuda": "cudnn", "cpu": "onednn"}  # the path a tie goes to, per
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows", "winograd" or "winograd4"
+    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows", "amx", "winograd" or "winograd4"
     ms: dict[str, float]  # median milliseconds per call of every path measured
 
 
@@ -96,7 +96,7 @@ def cpu_name() -> str:
 
 # Revision of our own kernels (csrc/cpu, kernels/): part of the cache file's name, raised whenever a
 # kernel's speed changes, so choices measured against an older one are measured again.
-KERNELS_REVISION = 6
+KERNELS_REVISION = 7
 
 
 def cache_file(device_type: str = "cuda") -> Path:

@@ -443,6 +443,90 @@ def test_bf16_model_runs_on_our_gemm(_always_ours):
     assert error <= 2 * (torch_bf16.double() - expected).abs().max()
 
 
+needs_amx = pytest.mark.skipif(
+    _C is None or not _C.conv_amx_supported(),
+    reason="this CPU has no AMX-BF16 (or the OS does not let this process use it): the AMX kernel cannot run here",
+)
+# (batch, cin, cout, h, w, kernel, stride, padding) for the AMX kernel (channels in multiples of 32): a
+# 1x1 stride-1 layer whose pixels end mid-tile (49), output rows shorter and longer than a 16-pixel
+# tile, stride 2 with and without padding, padding 2, a single pixel, a non-square input.
+AMX_SHAPES = [
+    (1, 32, 64, 7, 7, 1, 1, 0),
+    (3, 64, 96, 13, 13, 1, 2, 0),
+    (2, 64, 64, 9, 9, 3, 2, 1),
+    (2, 96, 32, 33, 33, 3, 1, 1),
+    (1, 32, 32, 4, 4, 3, 1, 2),
+    (1, 64, 64, 1, 1, 1, 1, 0),
+    (1, 32, 64, 5, 19, 3, 1, 1),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES)
+def test_amx_matches_float64_reference(shape):
+    """The AMX kernel with test_bf16_gemm_matches_float64_reference's bounds: called directly (a padded
+    layer padded inside), and as the layer plan runs it (a padded copy in the run's buffers), twice."""
+    batch, cin, cout, h, w, k, stride, padding = shape
+    x, weight, bias, res = (t.bfloat16() for t in _case(batch, cin, cout, h, w, k, stride, padding, 1, True))
+    bias = bias.float()
+    expected = _reference(x, weight, bias, res, True, stride, padding, 1)
+    theirs = torch.relu(F.conv2d(x, weight, bias.bfloat16(), stride, padding) + res)
+    scale = expected.abs().max().item()
+    geometry = ([stride] * 2, [padding] * 2)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, [1, 1], 1)
+    assert list(kernels) == ["gemm", "amx"]
+    buffers = Buffers()
+    buffers.start(x)
+    outs = [_C.conv_amx_bias_act(x, _C.pack_conv_gemm_weight(weight), bias, res, True, *geometry)]
+    outs += [kernels["amx"](x, res, None, buffers) for _ in range(2)]
+    for out in outs:
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
+        error = (out.double() - expected).abs().max().item()
+        assert error <= 2**-8 * scale
+        assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+
+
+@needs_amx
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["input", "residual"])
+def test_amx_puts_nan_and_inf_where_torch_does(value, where):
+    x, weight, bias, res = (t.bfloat16() for t in _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True))
+    {"input": x, "residual": res}[where][1, 5, 2, 2] = value
+    out = _C.conv_amx_bias_act(x, _C.pack_conv_gemm_weight(weight), bias.float(), res, True, [1, 1], [1, 1])
+    expected = torch.relu(F.conv2d(x.float(), weight.float(), bias.float(), 1, 1) + res.float())
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(
+        out[finite].float(), expected[finite], rtol=2**-7, atol=2**-7 * expected[finite].abs().max().item()
+    )
+
+
+@needs_amx
+def test_amx_writes_into_the_residual_and_checks_its_arguments():
+    x, weight, bias, res = (t.bfloat16() for t in _case(2, 64, 64, 6, 6, 3, 1, 1, 1, True))
+    packed, bias, geometry = _C.pack_conv_gemm_weight(weight), bias.float(), ([1, 1], [1, 1])
+    expected = _C.conv_amx_bias_act(x, packed, bias, res.clone(), True, *geometry)
+    out = _C.conv_amx_bias_act(x, packed, bias, res, True, *geometry, res)
+    assert out.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="expected a bfloat16 input"):
+        _C.conv_amx_bias_act(x.float(), packed, bias, None, True, *geometry)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        narrow = torch.randn(48, 48, 1, 1).bfloat16()
+        _C.conv_amx_bias_act(
+            torch.randn(1, 48, 3, 3).bfloat16(),
+            _C.pack_conv_gemm_weight(narrow),
+            None,
+            None,
+            True,
+            [1, 1],
+            [0, 0],
+        )
+    with pytest.raises(RuntimeError, match="residual must be"):
+        _C.conv_amx_bias_act(x, packed, bias, res.float(), True, *geometry)
+
+
 @pytest.mark.parametrize("chosen", ["winograd", "winograd4", "onednn", None])  # None: measured now
 def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chosen):
     """Weights are packed on a path's first call: a choice read from the cache packs only that path's,
