@@ -627,50 +627,66 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* cons
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-// out rows [0, rows) (ld elements apart), 32 channels = act(c + bias (+ res)), rounded to bfloat16.
-__attribute__((target("avx512f,avx512bf16"))) void amx_epilogue(const float* c, int64_t rows, const float* bias,
-                                                                const uint16_t* res, uint16_t* out, int64_t ld,
-                                                                bool relu) {
+// Block row i (of 32) goes to output pixel out_row[i] (none where -1): 32 channels of out (and res)
+// at that pixel (ld elements a pixel) = act(c + bias (+ res)), rounded to bfloat16.
+__attribute__((target("avx512f,avx512bf16"))) void amx_epilogue(const float* c, const int64_t* out_row,
+                                                                const float* bias, const uint16_t* res,
+                                                                uint16_t* out, int64_t ld, bool relu) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512 bias0 = bias ? _mm512_loadu_ps(bias) : zero, bias1 = bias ? _mm512_loadu_ps(bias + NR) : zero;
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = 0; i < 32; ++i) {
+    if (out_row[i] < 0) continue;
+    const int64_t at = out_row[i] * ld;
     __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), bias0);
     __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + NR), bias1);
     if (res) {
-      v0 = _mm512_add_ps(v0, bf16x16_to_ps(res + i * ld));
-      v1 = _mm512_add_ps(v1, bf16x16_to_ps(res + i * ld + NR));
+      v0 = _mm512_add_ps(v0, bf16x16_to_ps(res + at));
+      v1 = _mm512_add_ps(v1, bf16x16_to_ps(res + at + NR));
     }
     if (relu) {
       v0 = _mm512_max_ps(zero, v0);  // NaN kept, as in micro_tile_avx2
       v1 = _mm512_max_ps(zero, v1);
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ld), (__m256i)_mm512_cvtneps_pbh(v0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ld + NR), (__m256i)_mm512_cvtneps_pbh(v1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), (__m256i)_mm512_cvtneps_pbh(v0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at + NR), (__m256i)_mm512_cvtneps_pbh(v1));
   }
 }
 
 struct Segment {
-  int64_t m0, rows, in0;  // output pixels [m0, m0 + rows), the first read from x + in0 (tap 0)
+  int64_t first, img, oy, in0;  // first pixel (of the grid below or of output row oy) of image img; x + in0: tap 0's
 };
 
-// x channels_last, unpadded (padding 0), dilation 1; wp: [Cout/16][KH][KW][Cin/2][16][2].
+// x channels_last, unpadded (padding 0), dilation 1; wp: [Cout/16][KH][KW][Cin/2][16][2]. A stride-1
+// layer runs on a grid as wide as x (per image, pixel q = oy * W + ox reads x at q + the tap's offset:
+// one fixed stride through the whole image), and drops the grid's columns past the output's width
+// (ResNet's padded 3x3 layers: 2 of 58, 30, 16 or 9); other layers run row by row, 16 pixels a segment.
 void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp,
                uint16_t* op, bool relu) {
-  const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout, m_total = g.n * g.oh * g.ow;
+  const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout;
   const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
   const int64_t x_end = x.numel(), row = g.w * cin;
-  const bool flat = taps == 1 && g.sh == 1 && g.sw == 1;  // pixels in a row of the output and x alike
-  const int64_t step = flat ? cin : g.sw * cin;           // elements between a segment's pixels
+  const bool grid = g.sh == 1 && g.sw == 1;
+  const int64_t step = g.sw * cin;  // elements between a segment's pixels
+  // Lines of pixels, cut into segments: per image, the grid's oh rows of W (the last one's columns past
+  // ow left out; a 1x1 layer's grid is the whole batch, images one after the other); else per output
+  // row, its ow pixels.
+  const bool batch = grid && taps == 1;
+  const int64_t per_line = batch ? g.n * g.oh * g.ow : grid ? (g.oh - 1) * g.w + g.ow : g.ow;
+  const int64_t lines = batch ? 1 : grid ? g.n : g.n * g.oh;
   std::vector<Segment> segments;
-  if (flat) {
-    for (int64_t m = 0; m < m_total; m += 16) segments.push_back({m, std::min<int64_t>(16, m_total - m), m * cin});
-  } else {
-    for (int64_t img = 0; img < g.n; ++img)
-      for (int64_t oy = 0; oy < g.oh; ++oy)
-        for (int64_t ox = 0; ox < g.ow; ox += 16)
-          segments.push_back({(img * g.oh + oy) * g.ow + ox, std::min<int64_t>(16, g.ow - ox),
-                              img * g.h * row + oy * g.sh * row + ox * g.sw * cin});
-  }
+  for (int64_t line = 0; line < lines; ++line)
+    for (int64_t q = 0; q < per_line; q += 16) {
+      const int64_t img = grid ? line : line / g.oh, oy = grid ? 0 : line % g.oh;
+      segments.push_back({q, img, oy, img * g.h * row + oy * g.sh * row + q * step});
+    }
+  // Output pixel of a segment's i-th row, or -1 where the row is a grid column past ow or past the end.
+  auto output_row = [&](const Segment& s, int64_t i) -> int64_t {
+    const int64_t q = s.first + i;
+    if (q >= per_line) return -1;
+    if (!grid) return (s.img * g.oh + s.oy) * g.ow + q;
+    const int64_t oy = q / g.w, ox = q % g.w;
+    return ox < g.ow ? (s.img * g.oh + oy) * g.ow + ox : -1;
+  };
   std::vector<int64_t> tap_offset(taps);
   for (int64_t ky = 0, t = 0; ky < g.kh; ++ky)
     for (int64_t kx = 0; kx < g.kw; ++kx, ++t) tap_offset[t] = ky * row + kx * cin;
@@ -690,10 +706,12 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
       const int64_t blk0 = (task / groups) * per_task, blk1 = std::min(blocks, blk0 + per_task);
       const int64_t q0 = (task % groups) * per_group, q1 = std::min(pairs, q0 + per_group);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
-        const Segment* seg[2] = {&segments[2 * blk], 2 * blk + 1 < int64_t(segments.size()) ? &segments[2 * blk + 1] : nullptr};
-        int64_t lda[2];
+        const Segment* seg[2] = {&segments[2 * blk],
+                                 2 * blk + 1 < int64_t(segments.size()) ? &segments[2 * blk + 1] : nullptr};
+        int64_t lda[2], out_row[32];
         for (int j = 0; j < 2; ++j) {
           const Segment& s = seg[j] ? *seg[j] : *seg[0];  // a lone last segment: its pair computed and dropped
+          for (int64_t i = 0; i < 16; ++i) out_row[j * 16 + i] = seg[j] ? output_row(s, i) : -1;
           const uint16_t** aj = a.data() + j * taps;
           lda[j] = step * 2;
           if (s.in0 + tap_offset[taps - 1] + 15 * step + cin <= x_end) {
@@ -703,7 +721,7 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
           gathered.resize(2 * taps * 16 * cin);
           uint16_t* dst = gathered.data() + j * taps * 16 * cin;
           for (int64_t t = 0; t < taps; ++t) {
-            for (int64_t i = 0; i < s.rows; ++i)
+            for (int64_t i = 0; i < 16 && s.in0 + tap_offset[t] + i * step + cin <= x_end; ++i)
               std::memcpy(dst + (t * 16 + i) * cin, xp + s.in0 + tap_offset[t] + i * step, cin * sizeof(uint16_t));
             aj[t] = dst + t * 16 * cin;
           }
@@ -712,11 +730,7 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
         for (int64_t q = q0; q < q1; ++q) {
           const uint16_t* w0 = wp + 2 * q * taps * cin * NR;
           amx_block(a.data(), lda[0], a.data() + taps, lda[1], taps, cin, w0, w0 + taps * cin * NR, c);
-          for (int j = 0; j < 2 && seg[j]; ++j) {
-            const int64_t m0 = seg[j]->m0, at = m0 * cout + q * 32;
-            amx_epilogue(c + j * 16 * 32, seg[j]->rows, bp ? bp + q * 32 : nullptr, rp ? rp + at : nullptr, op + at,
-                         cout, relu);
-          }
+          amx_epilogue(c, out_row, bp ? bp + q * 32 : nullptr, rp ? rp + q * 32 : nullptr, op + q * 32, cout, relu);
         }
       }
     }
