@@ -196,7 +196,7 @@ def _own_kernels(
             and w.shape[1] % 32 == 0
             and list(dilation) == [1, 1]
         ):
-            kernels["amx"] = _amx(C, packed, bias, relu, stride, padding)  # same packed weight
+            kernels["amx"] = _amx(C, packed, w.shape[2:], bias, relu, stride, padding)  # same packed weight
         return kernels
     if (
         tuple(w.shape[2:]) == (3, 3)
@@ -239,27 +239,39 @@ def _gemm(gemm, packed, bias, relu, stride, padding, dilation) -> Callable[..., 
     return run_gemm
 
 
-def _amx(C, packed, bias, relu, stride, padding) -> Callable[..., Tensor]:
+def _amx(C, packed, kernel, bias, relu, stride, padding) -> Callable[..., Tensor]:
     """The bfloat16 convolution on AMX tiles (C.conv_amx_bias_act). Its tiles read pixels at a fixed
-    stride, so a padded layer reads a zero-padded copy of x, made in one pass into a buffer of the run."""
+    stride, so a padded layer reads a zero-padded copy of x, and a strided 1x1 layer the pixels it
+    reads, copied together (it then runs as one GEMM over the batch; row by row, a 7-pixel output row
+    fills 7 of a tile's 16 rows): copies made in one pass into buffers of the run."""
     amx = C.conv_amx_bias_act
     ph, pw = padding
+    one_by_one = tuple(kernel) == (1, 1)
 
     def run_amx(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         x = x.contiguous(memory_format=_CL)
+        n, cin, h, width = x.shape
         if ph or pw:
-            n, cin, h, width = x.shape
             shape = [n, cin, h + 2 * ph, width + 2 * pw]
-            padded = (
-                buffers.output(shape, x)
-                if buffers is not None
-                else torch.empty(shape, dtype=x.dtype, memory_format=_CL)
-            )
+            padded = _buffer(buffers, shape, x)
             C.pad_cl(x, padding, padded)
             x = padded
+        elif one_by_one and list(stride) != [1, 1]:
+            sh, sw = stride
+            picked = _buffer(buffers, [n, cin, (h - 1) // sh + 1, (width - 1) // sw + 1], x)
+            x = picked.copy_(x[:, :, ::sh, ::sw])
+            return amx(x, packed(), bias, residual, relu, [1, 1], [0, 0], out)
         return amx(x, packed(), bias, residual, relu, stride, [0, 0], out)
 
     return run_amx
+
+
+def _buffer(buffers, shape: list[int], x: Tensor) -> Tensor:
+    """A channels_last tensor of this shape in x's dtype: from the run's buffers (kept between forwards)
+    when there are some, else fresh."""
+    if buffers is not None:
+        return buffers.output(shape, x)
+    return torch.empty(shape, dtype=x.dtype, memory_format=_CL)
 
 
 def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]:
@@ -284,10 +296,7 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
         n, _, h, width = x.shape
         hp, wp = h + 2 * ph, width + 2 * pw
         shape = [n, cin_p, hp, wp]
-        if buffers is not None:
-            padded = buffers.output(shape, x)
-        else:
-            padded = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
+        padded = _buffer(buffers, shape, x)
         C.pad_cl(x, padding, padded)  # x zero-padded (and given a zero channel where cin_p > cin), one pass
         view = padded.as_strided((n, kw * cin_p, hp, wp - kw + 1), (hp * wp * cin_p, 1, wp * cin_p, cin_p))
         return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)
