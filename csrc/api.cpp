@@ -380,8 +380,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_amx_supported", &resnet_fast::cpu::conv_amx_supported,
         "whether conv_amx_bias_act runs here (a CPU with AMX-BF16 that the OS lets this process use)");
   m.def("conv_amx_bias_act", &resnet_fast::cpu::conv_amx_bias_act,
-        "act(conv2d(x, w) + b (+ residual)) on bfloat16 with a float32 b, on AMX tiles (dilation 1, channels in "
-        "multiples of 32), w packed by pack_conv_gemm_weight; written into out when given (may be the residual)",
+        "act(conv2d(x, w) + b (+ residual)) on bfloat16 with a float32 b, on AMX tiles (dilation 1, output channels a "
+        "multiple of 32, input channels too or an even number below 32; channels contiguous, pixels read through "
+        "x's strides), w packed by pack_conv_gemm_weight; written into out when given (may be the residual)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("stride"),
         py::arg("padding"), py::arg("out") = py::none());
   m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,

@@ -97,6 +97,7 @@ _OWN_PATHS = {
     "gemm": "implicit GEMM",
     "gemm_rows": "implicit GEMM over kernel rows",
     "amx": "implicit GEMM on AMX tiles",
+    "amx_rows": "implicit GEMM over kernel rows on AMX tiles",
     "winograd": "Winograd F(2x2, 3x3)",
     "winograd4": "Winograd F(4x4, 3x3)",
 }

@@ -584,12 +584,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0-3 the accumulators, 4-5 A, 6-7 B: all 16 rows of 64 bytes.
-__attribute__((target("amx-tile"))) void amx_configure() {
+// Tiles 0-3 the accumulators (16 x 16 float32), 4-5 A (16 pixels x kc channels), 6-7 B (kc / 2 channel
+// pairs x 16 output channels): kc = 32, or a layer's fewer input channels per tap (the stem's 28).
+__attribute__((target("amx-tile"))) void amx_configure(int64_t kc) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
+    cfg.colsb[i] = i == 4 || i == 5 ? kc * 2 : 64;
+    cfg.rows[i] = i >= 6 ? kc / 2 : 16;
   }
   asm volatile("" : : "r"(&cfg) : "memory");  // else GCC 12 drops the stores above (ldtilecfg reads them)
   _tile_loadconfig(&cfg);
@@ -656,28 +657,31 @@ struct Segment {
   int64_t first, img, oy, in0;  // first pixel (of the grid below or of output row oy) of image img; x + in0: tap 0's
 };
 
-// x channels_last, unpadded (padding 0), dilation 1; wp: [Cout/16][KH][KW][Cin/2][16][2]. A stride-1
-// layer runs on a grid as wide as x (per image, pixel q = oy * W + ox reads x at q + the tap's offset:
-// one fixed stride through the whole image), and drops the grid's columns past the output's width
-// (ResNet's padded 3x3 layers: 2 of 58, 30, 16 or 9); other layers run row by row, 16 pixels a segment.
+// x unpadded (padding 0), dilation 1, its channels contiguous, its pixels where its strides say (a
+// view whose pixels overlap, as the GEMM over kernel rows reads); wp: [Cout/16][KH][KW][Cin/2][16][2].
+// A stride-1 layer whose rows lie one after the other runs on a grid as wide as x (per image, pixel
+// q = oy * W + ox reads x at q + the tap's offset: one fixed stride through the whole image), and drops
+// the grid's columns past the output's width (ResNet's padded 3x3 layers: 2 of 58, 30, 16 or 9); other
+// layers run row by row, 16 pixels a segment.
 void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp,
                uint16_t* op, bool relu) {
   const int64_t taps = g.kh * g.kw, cin = g.cin, cout = g.cout;
   const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
-  const int64_t x_end = x.numel(), row = g.w * cin;
-  const bool grid = g.sh == 1 && g.sw == 1;
-  const int64_t step = g.sw * cin;  // elements between a segment's pixels
+  const int64_t s_img = x.stride(0), row = x.stride(2), pixel = x.stride(3);
+  const int64_t x_end = (g.n - 1) * s_img + (g.h - 1) * row + (g.w - 1) * pixel + cin;  // past x's last element
+  const bool grid = g.sh == 1 && g.sw == 1 && row == g.w * pixel;
+  const int64_t step = g.sw * pixel;  // elements between a segment's pixels
   // Lines of pixels, cut into segments: per image, the grid's oh rows of W (the last one's columns past
   // ow left out; a 1x1 layer's grid is the whole batch, images one after the other); else per output
   // row, its ow pixels.
-  const bool batch = grid && taps == 1;
+  const bool batch = grid && taps == 1 && s_img == g.h * row;
   const int64_t per_line = batch ? g.n * g.oh * g.ow : grid ? (g.oh - 1) * g.w + g.ow : g.ow;
   const int64_t lines = batch ? 1 : grid ? g.n : g.n * g.oh;
   std::vector<Segment> segments;
   for (int64_t line = 0; line < lines; ++line)
     for (int64_t q = 0; q < per_line; q += 16) {
       const int64_t img = grid ? line : line / g.oh, oy = grid ? 0 : line % g.oh;
-      segments.push_back({q, img, oy, img * g.h * row + oy * g.sh * row + q * step});
+      segments.push_back({q, img, oy, img * s_img + oy * g.sh * row + q * step});
     }
   // Output pixel of a segment's i-th row, or -1 where the row is a grid column past ow or past the end.
   auto output_row = [&](const Segment& s, int64_t i) -> int64_t {
@@ -689,7 +693,7 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
   };
   std::vector<int64_t> tap_offset(taps);
   for (int64_t ky = 0, t = 0; ky < g.kh; ++ky)
-    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) tap_offset[t] = ky * row + kx * cin;
+    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) tap_offset[t] = ky * row + kx * pixel;
   // Tasks as in gemm_tasks: blocks (segment pairs), and groups of panel pairs where blocks are few.
   const int64_t blocks = (int64_t(segments.size()) + 1) / 2, pairs = cout / 32;
   const int64_t want = 32 * at::get_num_threads();
@@ -698,7 +702,7 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
   const int64_t per_group = (pairs + groups - 1) / groups;
   const int64_t tasks = block_tasks * groups;
   share_tasks(tasks, [&](const auto& take) {
-    amx_configure();
+    amx_configure(std::min<int64_t>(cin, 32));
     alignas(64) float c[32 * 32];
     std::vector<uint16_t> gathered;  // a segment whose unused rows would read past x's end: its rows copied
     std::vector<const uint16_t*> a(2 * taps);
@@ -808,14 +812,15 @@ at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, cons
   TORCH_CHECK(packed.dim() == 6 && packed.size(4) == NR && packed.size(3) * 2 == x.size(1) &&
                   packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
               name, ": weight not packed by pack_conv_gemm_weight for ", x.size(1), " bfloat16 input channels");
-  TORCH_CHECK(x.size(1) % 32 == 0 && packed.size(0) % 2 == 0, name,
-              ": input and output channels must be multiples of 32, got ", x.size(1), " and ", packed.size(0) * NR);
+  TORCH_CHECK((x.size(1) % 32 == 0 || x.size(1) < 32) && packed.size(0) % 2 == 0, name,
+              ": input channels must be a multiple of 32 (or fewer, an even number), output channels a multiple of "
+              "32, got ", x.size(1), " and ", packed.size(0) * NR);
   Geometry g = check_args(name, x, packed.size(1), packed.size(2), packed.size(0) * NR, b, residual, stride, padding,
                           {1, 1});
   at::Tensor out = output_for(name, x, residual, g, out_);
 #if RF_HAVE_CONV_GEMM
   const auto cl = at::MemoryFormat::ChannelsLast;
-  at::Tensor xs = x.contiguous(cl);
+  at::Tensor xs = x;  // read through its strides
   if (g.ph > 0 || g.pw > 0) {  // the kernel reads rows at a fixed stride: a zero-padded copy (one pass)
     xs = at::empty({g.n, g.cin, g.h + 2 * g.ph, g.w + 2 * g.pw}, x.options().memory_format(cl));
     pad_cl(x, padding, xs);

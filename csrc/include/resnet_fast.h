@@ -67,7 +67,8 @@ at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, con
                               at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& out);
 // Whether conv_amx_bias_act runs here: AMX-BF16, enabled by the OS for this process.
 bool conv_amx_supported();
-// The bfloat16 convolution (dilation 1, Cin and Cout multiples of 32) on AMX tiles, with
+// The bfloat16 convolution (dilation 1, Cout a multiple of 32, Cin too or an even number below 32;
+// channels contiguous, pixels read through x's strides) on AMX tiles, with
 // pack_conv_gemm_weight's bfloat16 weight; same out rules as conv_gemm_bias_act. A padded layer reads a
 // zero-padded copy of x (the model's plan passes one it keeps, with padding 0).
 at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,

@@ -184,18 +184,20 @@ def _own_kernels(
         # The GEMM on AVX512_BF16's dot products (channel pairs), float32 sums rounded once.
         if not C.conv_gemm_bf16_supported():
             return {}
+        # AMX tiles (where the CPU has them): 32 output channels a block, up to 32 input channels a step.
+        amx = C.conv_amx_supported() and w.shape[0] % 32 == 0 and list(dilation) == [1, 1]
         if w.shape[1] < 8 and list(dilation) == [1, 1]:
-            return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
+            kernels = {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
+            if (
+                amx and w.shape[3] * (w.shape[1] + w.shape[3] * w.shape[1] % 2) <= 32
+            ):  # a kernel row: one step
+                kernels["amx_rows"] = _gemm_rows(C, slot, w, bias, relu, stride, padding, amx=True)
+            return kernels
         if w.shape[1] % 2:
             return {}
         packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
         kernels = {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
-        if (
-            C.conv_amx_supported()
-            and w.shape[0] % 32 == 0
-            and w.shape[1] % 32 == 0
-            and list(dilation) == [1, 1]
-        ):
+        if amx and (w.shape[1] % 32 == 0 or w.shape[1] < 32):
             kernels["amx"] = _amx(C, packed, w.shape[2:], bias, relu, stride, padding)  # same packed weight
         return kernels
     if (
@@ -274,12 +276,13 @@ def _buffer(buffers, shape: list[int], x: Tensor) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, memory_format=_CL)
 
 
-def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]:
+def _gemm_rows(C, slot, w, bias, relu, stride, padding, amx: bool = False) -> Callable[..., Tensor]:
     """The implicit GEMM for a layer with few input channels (the stem: 3), reading each kernel row's KW
     taps as one pixel of KW x Cin channels: in a zero-padded channels_last copy of x, those taps lie next
     to each other, so a strided view of it is a KH x 1 convolution with KW x Cin input channels (7 taps of
     21 instead of 49 taps of 3: the micro-kernel's K loop runs 7 times longer per row pointer). In
-    bfloat16 (channel pairs) the copy gets one zero channel more where KW x Cin is odd (the stem: 7 x 4)."""
+    bfloat16 (channel pairs) the copy gets one zero channel more where KW x Cin is odd (the stem: 7 x 4).
+    With `amx`, the view runs on AMX tiles (C.conv_amx_bias_act: a kernel row's 28 channels one step)."""
     cout, cin, kh, kw = w.shape
     cin_p = cin + (w.dtype == torch.bfloat16 and kw * cin % 2 == 1)  # channels of the padded copy
 
@@ -289,7 +292,7 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
         return C.pack_conv_gemm_weight(wp.permute(0, 3, 1, 2).reshape(cout, kw * cin_p, kh, 1))
 
     packed = _packed(slot, "gemm_rows", pack)
-    gemm = C.conv_gemm_bias_act
+    gemm, on_amx = C.conv_gemm_bias_act, C.conv_amx_bias_act
     ph, pw = padding
 
     def run_gemm_rows(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
@@ -299,6 +302,8 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding) -> Callable[..., Tensor]
         padded = _buffer(buffers, shape, x)
         C.pad_cl(x, padding, padded)  # x zero-padded (and given a zero channel where cin_p > cin), one pass
         view = padded.as_strided((n, kw * cin_p, hp, wp - kw + 1), (hp * wp * cin_p, 1, wp * cin_p, cin_p))
+        if amx:
+            return on_amx(view, packed(), bias, residual, relu, stride, [0, 0], out)
         return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)
 
     return run_gemm_rows

@@ -29,7 +29,8 @@ LIBRARY_PATH = {"cuda": "cudnn", "cpu": "onednn"}  # the path a tie goes to, per
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows", "amx", "winograd" or "winograd4"
+    path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows", "amx", "amx_rows",
+    # "winograd" or "winograd4"
     ms: dict[str, float]  # median milliseconds per call of every path measured
 
 
