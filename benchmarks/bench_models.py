@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from resnet_fast import _timing, bench
+from resnet_fast.tools import bench, timing
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ARCHS = ["resnet18", "resnet50"]
@@ -42,7 +42,7 @@ def test_model_infer(benchmark, request, arch, device, contender):
 
         def call():
             step()
-            _timing.sync(dev)
+            timing.sync(dev)
 
         rounds = 5 if device == "cpu" else 20
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)

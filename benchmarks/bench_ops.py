@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast
-from resnet_fast import _timing, ops
+from resnet_fast import ops
 from resnet_fast.kernels import reference
+from resnet_fast.tools import timing
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = {"cpu": torch.float32, "cuda": torch.float16}
@@ -125,6 +126,6 @@ def test_op(benchmark, op, build, shape, device, backend):
     def call():
         with torch.no_grad():
             fn()
-        _timing.sync(dev)
+        timing.sync(dev)
 
     benchmark(call)

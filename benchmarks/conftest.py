@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast import _timing
+from resnet_fast.tools import timing
 
 
 def pytest_collect_file(parent, file_path):
@@ -32,7 +32,7 @@ def pytest_addoption(parser):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The same machine description as `resnet-fast bench --json` (render_tables.py reads it)."""
-    machine_info["resnet_fast"] = _timing.machine_info(
+    machine_info["resnet_fast"] = timing.machine_info(
         torch.device("cuda") if torch.cuda.is_available() else None
     )
 

@@ -9,7 +9,7 @@ torch._inductor.config.freezing = True (channels_last), all in one process.
 INFERENCE_PRECISION_HINT set to the dtype compared: it runs bf16 by itself on AVX512_BF16 CPUs)
 on the same torchvision weights (`pip install -e ".[peers]"`); the same builders as `resnet-fast bench --peers`.
 
-Every measurement is the median over interleaved rounds (resnet_fast._timing), each contender's turn
+Every measurement is the median over interleaved rounds (resnet_fast.tools.timing), each contender's turn
 after 0.2 s idle and each timed call right after an untimed one of the same contender (onnxruntime's
 spinning threads would otherwise slow whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
 times are measured on fresh models, after a garbage collection: ours folds and prepacks every layer on its first call (once with
@@ -34,8 +34,8 @@ import torch
 import torchvision
 
 import resnet_fast
-from resnet_fast import _timing
 from resnet_fast.ops import conv_route, layer_choice
+from resnet_fast.tools import timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
@@ -74,8 +74,8 @@ def _run(label: str, fns: dict, rounds: int) -> dict:
     cpu = torch.device("cpu")
     for fn in fns.values():  # settle allocators and caches before timing
         fn()
-    times = _timing.interleaved(fns, rounds, cpu, after_itself=True, settle=SETTLE_S)
-    stats = {name: _timing.summarize(t) for name, t in times.items()}
+    times = timing.interleaved(fns, rounds, cpu, after_itself=True, settle=SETTLE_S)
+    stats = {name: timing.summarize(t) for name, t in times.items()}
     ours = stats["resnet_fast"]["median_ms"]
     print(f"\n{label}")
     print(f"  {'contender':28s} {'median ms':>10s} {'q1':>8s} {'q3':>8s} {'ours faster by':>15s}")
@@ -90,7 +90,7 @@ def _peers(theirs: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -
     """onnxruntime and OpenVINO steps on `theirs`, for --peers (what is not installed is said and left out)."""
     if not args.peers:
         return {}
-    from resnet_fast import bench
+    from resnet_fast.tools import bench
 
     steps = {}
     for name, modules in bench.PEERS.items():
@@ -135,12 +135,12 @@ def _nonfinite_check_cost(model: torch.nn.Module, x: torch.Tensor, rounds: int) 
     finally:
         conv_ops._CONV_RUNNER["cpp"] = make
     all_finite = _ext.load().all_finite
-    times = _timing.interleaved(
+    times = timing.interleaved(
         {"forward": lambda: model(x), "scans": lambda: [all_finite(t) for t in scanned]},
         rounds,
         torch.device("cpu"),
     )
-    forward, scans = (_timing.summarize(times[k])["median_ms"] for k in ("forward", "scans"))
+    forward, scans = (timing.summarize(times[k])["median_ms"] for k in ("forward", "scans"))
     print(
         f"NaN-keeping check: {len(scanned)} scans take {scans:.2f} ms per forward of {forward:.1f} ms "
         f"({100 * scans / forward:.1f}% of it)"
@@ -240,9 +240,9 @@ def main() -> None:
     args = parser.parse_args()
 
     resnet_fast.set_backend("cpp")
-    info = _timing.machine_info(torch.device("cpu"))
+    info = timing.machine_info(torch.device("cpu"))
     info["cpp_conv_route"] = {"float32": conv_route("cpu"), "bfloat16": conv_route("cpu", torch.bfloat16)}
-    print(_timing.describe_machine(info, torch.device("cpu")))
+    print(timing.describe_machine(info, torch.device("cpu")))
     print(f"cpp conv route: {info['cpp_conv_route']['float32']}")
     result: dict = {"machine": info, "model": "resnet50", "size": args.size, "batch": args.batch, "runs": {}}
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=CL)
@@ -256,7 +256,7 @@ def main() -> None:
     path = (
         Path(args.json)
         if args.json
-        else RESULTS / f"{_timing.machine_tag(info, torch.device('cpu'))}-cpu_infer.json"
+        else RESULTS / f"{timing.machine_tag(info, torch.device('cpu'))}-cpu_infer.json"
     )
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {path}")

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from resnet_fast import _ext, _timing
+from resnet_fast import _ext
 from resnet_fast.nn import fused
 from resnet_fast.ops import layer_choice
+from resnet_fast.tools import timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_infer import _models  # noqa: E402  (the same weights and BN statistics as cpu_infer.py)
@@ -99,8 +100,8 @@ def _one_shape(rounds: int, x_shape, w_shape, s: int, p: int, has_res: bool) -> 
     expected = onednn()
     for run in ours.values():
         torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    times = _timing.interleaved({"onednn": onednn, **ours}, rounds, torch.device("cpu"))
-    ms = {k: _timing.summarize(v)["median_ms"] for k, v in times.items()}
+    times = timing.interleaved({"onednn": onednn, **ours}, rounds, torch.device("cpu"))
+    ms = {k: timing.summarize(v)["median_ms"] for k, v in times.items()}
     kernel = min(ours, key=ms.__getitem__)  # our fastest
     print(
         f"  x{list(x_shape)} w{list(w_shape)} s{s} res{int(has_res)}: oneDNN {ms['onednn']:7.2f} ms, "
@@ -139,13 +140,13 @@ def _model(batch: int, rounds: int) -> dict:
             "choice, fresh outputs": lambda: fresh(x),
             "oneDNN only": lambda: onednn_only(x),
         }
-        times = _timing.interleaved(runs, rounds, torch.device("cpu"))
+        times = timing.interleaved(runs, rounds, torch.device("cpu"))
         faults = {}
         for name, run in runs.items():  # minor page faults of one warm forward
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             run()
             faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    ms = {k: _timing.summarize(v)["median_ms"] for k, v in times.items()}
+    ms = {k: timing.summarize(v)["median_ms"] for k, v in times.items()}
     base = ms["oneDNN only"]
     print(
         f"  ResNet-50 batch {batch}: " + ", ".join(f"{k} {v:.1f} ms ({v / base:.2f}x)" for k, v in ms.items())
@@ -174,7 +175,7 @@ def main() -> None:
     alone = [_one_shape(args.rounds, *shape) for shape in _resnet50_convs(args.batch)]
     print("whole model (interleaved):")
     model = {f"batch {b}": _model(b, args.model_rounds) for b in (args.batch, 1)}
-    result = {"machine": _timing.machine_info(torch.device("cpu")), "alone": alone, "model_ms": model}
+    result = {"machine": timing.machine_info(torch.device("cpu")), "alone": alone, "model_ms": model}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

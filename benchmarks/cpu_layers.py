@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from resnet_fast import _timing, fold
+from resnet_fast import fold
+from resnet_fast.tools import timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_infer import _models  # noqa: E402  (the same weights and BN statistics as cpu_infer.py)
@@ -168,7 +169,7 @@ def main() -> None:
         + ", ".join(f"{n} ({v['op']}) {v['ms']:.1f} ms" for n, v in nodes.items())
     )
     result = {
-        "machine": _timing.machine_info(torch.device("cpu")),
+        "machine": timing.machine_info(torch.device("cpu")),
         "batch": args.batch,
         "size": args.size,
         "rounds": args.rounds,

@@ -4,9 +4,9 @@ channels_last, one process.
 
     python benchmarks/cpu_train.py [--rounds 10] [--batch 8] [--size 224] [--arch resnet50] [--backend auto]
 
-Medians over interleaved rounds (resnet_fast._timing); the speed ratio is torchvision's median over
+Medians over interleaved rounds (resnet_fast.tools.timing); the speed ratio is torchvision's median over
 resnet_fast's. Peak memory: bytes one training step allocates above what is held before it
-(_timing.MEMORY_METHOD). Writes benchmarks/results/<machine-tag>-cpu_train.json.
+(timing.MEMORY_METHOD). Writes benchmarks/results/<machine-tag>-cpu_train.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fast
-from resnet_fast import _timing
+from resnet_fast.tools import timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     cpu = torch.device("cpu")
-    backend = _timing.set_backend_for(args.backend, cpu)
+    backend = timing.set_backend_for(args.backend, cpu)
     torch.manual_seed(0)
     theirs = getattr(torchvision.models, args.arch)().train().to(memory_format=CL)
     # Both models channels_last (weights too), as a user of either would run them on CPU.
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
         fn()
         fn()
 
-    times = _timing.interleaved(fns, args.rounds, cpu)
-    stats = {name: _timing.summarize(t) for name, t in times.items()}
+    times = timing.interleaved(fns, args.rounds, cpu)
+    stats = {name: timing.summarize(t) for name, t in times.items()}
     speedup = stats["torchvision"]["median_ms"] / stats["resnet_fast"]["median_ms"]
-    memory = {} if args.no_memory else {name: _timing.peak_memory(fn, cpu) for name, fn in fns.items()}
+    memory = {} if args.no_memory else {name: timing.peak_memory(fn, cpu) for name, fn in fns.items()}
 
-    info = _timing.machine_info(cpu)
+    info = timing.machine_info(cpu)
     result = {
         "benchmark": "cpu_train",
         "config": {
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timing": stats,
         "speedup_vs_torchvision": speedup,
         "peak_memory_bytes": memory,
-        "memory_method": _timing.MEMORY_METHOD["cpu"],
+        "memory_method": timing.MEMORY_METHOD["cpu"],
     }
     if memory:
         result["memory_ratio_vs_torchvision"] = memory["resnet_fast"] / memory["torchvision"]
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{args.arch} training step (fwd+bwd+SGD), fp32, batch {args.batch}, {args.size}x{args.size}, channels_last"
     )
-    print(f"machine: {_timing.describe_machine(info, cpu)}; resnet_fast backend: {backend}")
+    print(f"machine: {timing.describe_machine(info, cpu)}; resnet_fast backend: {backend}")
     for name, s in stats.items():
         mem = f"  peak {memory[name] / 2**20:8.1f} MiB" if memory else ""
         print(
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if memory:
         print(f"  peak memory: {result['memory_ratio_vs_torchvision']:.3f}x torchvision")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{_timing.machine_tag(info, cpu)}-cpu_train.json"
+    out = RESULTS / f"{timing.machine_tag(info, cpu)}-cpu_train.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result

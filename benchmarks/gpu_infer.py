@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_fast import _timing, bench
+from resnet_fast.tools import bench, timing
 
 TARGETS = {("float16", 256): {"torchvision-cl": 1.3, "compile-max-autotune": 1.0}}
 
@@ -35,7 +35,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_infer.py: no CUDA GPU on this machine", file=sys.stderr)
         return 2
-    tag = _timing.machine_tag(_timing.machine_info(torch.device("cuda")), torch.device("cuda"))
+    tag = timing.machine_tag(timing.machine_info(torch.device("cuda")), torch.device("cuda"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for dtype in args.dtype:

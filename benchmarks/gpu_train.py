@@ -8,7 +8,7 @@ channels_last, one process.
 --device cpu (AMP bf16 on the CPU) only smoke-tests the script (benchmarks/gpu_check.sh's dry run).
 
 Targets (issue #5): >= 1.2x torchvision eager, peak memory <= 0.75x. Medians over interleaved rounds
-(resnet_fast._timing); peak memory = torch.cuda.max_memory_allocated during one step above what is
+(resnet_fast.tools.timing); peak memory = torch.cuda.max_memory_allocated during one step above what is
 allocated before it. Before timing it checks the fused step's loss against torchvision's on the same
 weights (bf16 noise level). Writes --out (default benchmarks/results/<gpu-tag>-gpu_train.json).
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fast
-from resnet_fast import _timing
+from resnet_fast.tools import timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     try:
-        dev, dtype = _timing.check_device_dtype(args.device, args.dtype)
-        backend = _timing.set_backend_for(args.backend, dev)
-    except _timing.UsageError as error:
+        dev, dtype = timing.check_device_dtype(args.device, args.dtype)
+        backend = timing.set_backend_for(args.backend, dev)
+    except timing.UsageError as error:
         raise SystemExit(f"gpu_train.py: error: {error}") from None
     torch.manual_seed(0)
     theirs = getattr(torchvision.models, args.arch)().train().to(dev, memory_format=CL)
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.warmup):
             fn()
 
-    times = _timing.interleaved(fns, args.rounds, dev)
-    stats = {name: _timing.summarize(t) for name, t in times.items()}
-    memory = {name: _timing.peak_memory(fn, dev) for name, fn in fns.items()}
+    times = timing.interleaved(fns, args.rounds, dev)
+    stats = {name: timing.summarize(t) for name, t in times.items()}
+    memory = {name: timing.peak_memory(fn, dev) for name, fn in fns.items()}
     speedup = stats["torchvision-cl"]["median_ms"] / stats["resnet_fast"]["median_ms"]
     mem_ratio = memory["resnet_fast"] / memory["torchvision-cl"]
 
-    info = _timing.machine_info(dev)
+    info = timing.machine_info(dev)
     result = {
         "benchmark": "gpu_train",
         "config": {
@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_vs_torchvision_cl": speedup,
         "peak_memory_bytes": memory,
         "memory_ratio_vs_torchvision_cl": mem_ratio,
-        "memory_method": _timing.MEMORY_METHOD[dev.type],
+        "memory_method": timing.MEMORY_METHOD[dev.type],
         "targets_met": {"speed>=1.2x": speedup >= 1.2, "memory<=0.75x": mem_ratio <= 0.75},
     }
     print(
         f"{args.arch} training step, AMP {args.dtype}, batch {args.batch}, {args.size}x{args.size}, channels_last"
     )
-    print(f"machine: {_timing.describe_machine(info, dev)}; resnet_fast backend: {backend}")
+    print(f"machine: {timing.describe_machine(info, dev)}; resnet_fast backend: {backend}")
     for name, s in stats.items():
         print(
             f"  {name:12s} median {s['median_ms']:8.2f} ms  (q1 {s['q1_ms']:.2f}, q3 {s['q3_ms']:.2f})"
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(f"  speed: {speedup:.3f}x torchvision eager channels_last (target >= 1.2x)")
     print(f"  peak memory: {mem_ratio:.3f}x torchvision channels_last (target <= 0.75x)")
-    out = args.out or RESULTS / f"{_timing.machine_tag(info, dev)}-gpu_train.json"
+    out = args.out or RESULTS / f"{timing.machine_tag(info, dev)}-gpu_train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -4,7 +4,7 @@ is CPU-bound on a GPU (issue 11: at most 0.9x torchvision channels_last's time).
 
     python benchmarks/host_overhead.py [--rounds 30] [--threads 1] [--json PATH]
 
-Measures, in one process, interleaved rounds, medians (resnet_fast._timing):
+Measures, in one process, interleaved rounds, medians (resnet_fast.tools.timing):
   model: ResNet-50 eval forward on a 1x3x32x32 input, resnet_fast (auto backend) vs torchvision
          channels_last, under torch.no_grad();
   layer: one 3x3 64->64 Conv->BN->ReLU on 1x64x8x8: resnet_fast.nn.conv_bn_act vs eager conv, bn, relu.
@@ -19,8 +19,8 @@ import torch
 import torchvision
 
 import resnet_fast
-from resnet_fast import _timing
 from resnet_fast.nn import conv_bn_act
+from resnet_fast.tools import timing
 
 CL = torch.channels_last
 
@@ -35,8 +35,8 @@ def _measure(fns: dict, rounds: int, inner: int) -> dict[str, float]:
     loops = {name: repeat(fn) for name, fn in fns.items()}
     for fn in loops.values():
         fn()  # warm-up: folds, prepacks, plans, oneDNN primitives
-    times = _timing.interleaved(loops, rounds, cpu)
-    return {name: _timing.summarize(t)["median_ms"] / inner for name, t in times.items()}
+    times = timing.interleaved(loops, rounds, cpu)
+    return {name: timing.summarize(t)["median_ms"] / inner for name, t in times.items()}
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
             200,
         )
     result = {
-        "machine": _timing.machine_info(torch.device("cpu")),
+        "machine": timing.machine_info(torch.device("cpu")),
         "threads": args.threads,
         "backend": resnet_fast.ops.backend_for(x.device),
         "model_ms": model,

@@ -18,7 +18,7 @@ import torch
 
 import resnet_fast
 from resnet_fast.data import mnist_train_test, to_float
-from resnet_fast.train import ARCHS, fit
+from resnet_fast.tools.train import ARCHS, fit
 
 
 def main() -> None:

@@ -13,14 +13,14 @@ from .ops import BackendUnavailable, get_backend, set_backend  # noqa: E402
 
 def explain(model, input_shape, device=None) -> list[dict]:
     """Per conv of `model`: input shape, backend and path taken (Triton: measured times too)."""
-    from ._explain import explain as _explain
+    from .tools.explain import explain as _explain
 
     return _explain(model, input_shape, device)
 
 
 def info() -> dict:
     """Versions, devices, and which backends are usable here (and why not)."""
-    from ._info import info as _info
+    from .tools.info import info as _info
 
     return _info()
 

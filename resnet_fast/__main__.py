@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 # Guarded: a spawn/forkserver child process (a DataLoader worker, torch.multiprocessing) imports this
 # module again as __mp_main__ and must not run the command a second time.

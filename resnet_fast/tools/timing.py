@@ -50,7 +50,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def check_arch(arch: str) -> Callable[..., torch.nn.Module]:
     """The resnet_fast builder for `arch`; torchvision has a builder of the same name."""
-    from .models import BUILDERS
+    from ..models import BUILDERS
 
     if arch not in BUILDERS:
         raise UsageError(f"unknown arch {arch!r}; expected one of {', '.join(BUILDERS)}")
@@ -84,7 +84,7 @@ def check_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dty
 
 def set_backend_for(backend: str, device: torch.device) -> str:
     """Apply --backend for resnet_fast and return the backend that will run on `device`."""
-    from .ops import backend as _backend
+    from ..ops import backend as _backend
 
     try:
         _backend.set_backend(None if backend == "auto" else backend)
@@ -95,7 +95,7 @@ def set_backend_for(backend: str, device: torch.device) -> str:
 
 def fused_ops() -> list[str]:
     """The fused ops resnet_fast.ops offers today (they grow as backends land)."""
-    from . import ops
+    from .. import ops
 
     return [
         name
@@ -244,8 +244,8 @@ def cpu_isa() -> list[str]:
 
 def machine_info(device: torch.device | None = None) -> dict:
     """The machine, versions and backend status, for result files."""
-    from . import __version__
-    from .ops import backend
+    from .. import __version__
+    from ..ops import backend
 
     try:
         import triton

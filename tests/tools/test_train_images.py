@@ -17,7 +17,7 @@ the same for torchvision), and 50 steps amplify that into a different, equally g
 float64 the first gradients agree to ~2e-14 (measured), so any mistake in sharding, augmentation
 seeding, SyncBN or gradient averaging (O(1) differences) stands out against the tolerance below.
 
-The t10k files are looked up as in tests/test_train_mnist.py (../shared/data/mnist beside the
+The t10k files are looked up as in tests/tools/test_train_mnist.py (../shared/data/mnist beside the
 repository, or $RESNET_FAST_MNIST_DIR); the tests are skipped with a reason where they are absent.
 """
 
@@ -35,10 +35,10 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_fast import cli, train_images
 from resnet_fast.data import load_mnist
+from resnet_fast.tools import cli, train_images
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN, VAL = 640, 256
 EPOCHS = 5
 RUN = [
@@ -272,7 +272,7 @@ def test_dataset_mnist_is_train_mnist(capsys, tmp_path: Path) -> None:
 
 
 def test_lr_schedule() -> None:
-    from resnet_fast.train import lr_factor
+    from resnet_fast.tools.train import lr_factor
 
     # Warm-up over 4 steps, then cosine to 0 at step 14.
     assert [lr_factor(s, 14, "cosine", warmup=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

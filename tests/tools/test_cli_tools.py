@@ -15,10 +15,10 @@ import torch
 import torchvision
 
 import resnet_fast
-from resnet_fast import _timing, bench, cli
-from resnet_fast import validate as validate_mod
+from resnet_fast.tools import bench, cli, timing
+from resnet_fast.tools import validate as validate_mod
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 SMALL_BENCH = [
     "bench",
@@ -181,19 +181,19 @@ def test_bench_peers(capsys, tmp_path):
 def test_interleaved_timing_after_itself():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
-    times = _timing.interleaved(fns, 2, torch.device("cpu"), after_itself=True)
+    times = timing.interleaved(fns, 2, torch.device("cpu"), after_itself=True)
     assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]  # order rotated, each call twice in a row
     assert [len(t) for t in times.values()] == [2, 2]
     calls.clear()
-    _timing.interleaved(fns, 2, torch.device("cpu"))
+    timing.interleaved(fns, 2, torch.device("cpu"))
     assert calls == ["a", "b", "b", "a"]
 
 
 def test_interleaved_timing_settles_before_each_turn(monkeypatch):
     calls = []
-    monkeypatch.setattr(_timing.time, "sleep", lambda s: calls.append(("idle", s)))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: calls.append(("idle", s)))
     fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
-    _timing.interleaved(fns, 1, torch.device("cpu"), after_itself=True, settle=0.2)
+    timing.interleaved(fns, 1, torch.device("cpu"), after_itself=True, settle=0.2)
     assert calls == [("idle", 0.2), "a", "a", ("idle", 0.2), "b", "b"]
 
 
@@ -305,8 +305,8 @@ def test_gpu_check_script_parses():
 
 
 def test_cuda_graph_contender_is_refused_off_gpu():
-    from resnet_fast import bench
-    from resnet_fast._timing import UsageError
+    from resnet_fast.tools import bench
+    from resnet_fast.tools.timing import UsageError
 
     with pytest.raises(UsageError, match="resnet_fast-cudagraph runs on CUDA"):
         bench.check_contenders(["resnet_fast-cudagraph"], torch.device("cpu"), torch.float32, "infer")

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import _timing, validate
-from ._timing import UsageError
+from . import timing, validate
+from .timing import UsageError
 
 # float32, scale-relative. Exporting changes only the order of fp32 roundings (BN folded into the
 # conv weights, another runtime's conv algorithms): measured <= 1e-6 on CPU (README "Export"). A
@@ -103,7 +103,7 @@ def export_program(model: nn.Module, x: Tensor, dynamic_batch: bool = False) -> 
 
 def export_pt2(model: nn.Module, x: Tensor, path: str | Path, dynamic_batch: bool = False) -> None:
     """Compile `model` with AOTInductor into a package that needs neither Python nor resnet_fast."""
-    from .ops import decompositions
+    from ..ops import decompositions
 
     program = export_program(model, x, dynamic_batch).run_decompositions(decompositions())
     with torch.no_grad():
@@ -120,8 +120,8 @@ def export(args: argparse.Namespace) -> dict:
     """Write the artifact and check it; returns the report."""
     import resnet_fast
 
-    _timing.check_arch(args.arch)
-    device, _ = _timing.check_device_dtype(args.device, "float32")
+    timing.check_arch(args.arch)
+    device, _ = timing.check_device_dtype(args.device, "float32")
     if args.format == "onnx" and device.type != "cpu":
         raise UsageError("--format onnx exports and checks on the CPU; drop --device")
     if args.batch_size < 1 or args.image_size < 16:

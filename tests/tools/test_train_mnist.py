@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast import cli
-from resnet_fast.train import batches, fit, shift_augment, train_mnist
+from resnet_fast.tools import cli
+from resnet_fast.tools.train import batches, fit, shift_augment, train_mnist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEST_GZ = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 

@@ -15,7 +15,7 @@ seed + epoch, so every world size sees the same global batches); each sample's a
 by (seed, epoch, index) (data.imagefolder.SeededTransform); with `--sync-bn` BatchNorm normalises over
 the global batch. The same property makes a resume exact without replaying any random stream.
 
-`--dataset mnist` runs the MNIST experiment instead (`resnet-fast train-mnist`, resnet_fast.train).
+`--dataset mnist` runs the MNIST experiment instead (`resnet-fast train-mnist`, resnet_fast.tools.train).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .ops import BackendUnavailable
+from ..ops import BackendUnavailable
 from .train import ARCHS, _check_resume, _make_optimizer, _positive, _progress, _save, lr_factor
 
 __all__ = ["TrainConfig", "add_parser", "train_images"]
@@ -172,7 +172,7 @@ def _transforms(config: TrainConfig) -> tuple[Any, Any]:
 
 def _loaders(config: TrainConfig, proc: _Process) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train, val) loaders of this process's shard, and the class names."""
-    from .data.imagefolder import SeededTransform, image_folders
+    from ..data.imagefolder import SeededTransform, image_folders
 
     train_set, val_set = image_folders(config.data, config.in_channels)
     train_tf, val_tf = _transforms(config)

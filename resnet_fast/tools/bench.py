@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _timing
-from ._timing import UsageError
+from . import timing
+from .timing import UsageError
 
 CONTENDERS = {
     "resnet_fast": "resnet_fast eager, NCHW input (converted to the backend's layout inside the model)",
@@ -211,8 +211,8 @@ def resolve_contenders(
 
 def run(args: argparse.Namespace) -> dict:
     """Measure every contender for every batch size; returns the result document (also --json)."""
-    _timing.check_arch(args.arch)
-    device, dtype = _timing.check_device_dtype(args.device, args.dtype)
+    timing.check_arch(args.arch)
+    device, dtype = timing.check_device_dtype(args.device, args.dtype)
     for flag in ("iters", "warmup", "image_size"):
         minimum = {"iters": 1, "warmup": 0, "image_size": 16}[flag]
         if getattr(args, flag) < minimum:
@@ -221,11 +221,11 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError("--batch-size values must be positive")
     if args.plot:
         _check_plot()
-    backend = _timing.set_backend_for(args.backend, device)
+    backend = timing.set_backend_for(args.backend, device)
     names, notes = resolve_contenders(args, device, dtype)
     import torchvision
 
-    machine = _timing.machine_info(device)
+    machine = timing.machine_info(device)
     doc = {
         "schema": "resnet_fast.bench/1",
         "machine": machine,
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
             ),
             "warmup_s": "building the contender (export/conversion for peers) + the warm-up iterations, "
             "compilation included",
-            "peak_memory": _timing.MEMORY_METHOD[device.type],
+            "peak_memory": timing.MEMORY_METHOD[device.type],
         },
         "notes": notes,
         "results": [],
@@ -286,7 +286,7 @@ def _measure(
         try:
             steps[name] = build(name, base, x, y, s)
             for _ in range(args.warmup):
-                _timing.timed(steps[name], s.device)
+                timing.timed(steps[name], s.device)
                 bar.update()
         except Exception as error:
             if not args.keep_going:
@@ -299,13 +299,13 @@ def _measure(
     bar.set_postfix_str(f"batch {s.batch_size}: timing")
     # Another library's threads spinning after its call would be charged to the next contender.
     peers = any(name in PEERS for name in names)
-    times = _timing.interleaved(
+    times = timing.interleaved(
         steps, args.iters, s.device, on_call=lambda _: bar.update(), after_itself=peers, settle=0.2 * peers
     )
     rows = []
     for name in names:
-        stats = _timing.summarize(times[name])
-        peak = None if name in PEERS else _timing.peak_memory(steps[name], s.device)
+        stats = timing.summarize(times[name])
+        peak = None if name in PEERS else timing.peak_memory(steps[name], s.device)
         rows.append(
             {
                 "batch_size": s.batch_size,
@@ -351,7 +351,7 @@ def format_table(doc: dict) -> str:
     lines = [
         f"{st['arch']}  --mode {st['mode']}  {st['dtype']}  image {st['image_size']}  "
         f"resnet_fast backend: {st['backend']} (fused ops: {', '.join(st['fused_ops']) or 'none'})",
-        f"machine: {_timing.describe_machine(m, device)}; torch {m['torch']}",
+        f"machine: {timing.describe_machine(m, device)}; torch {m['torch']}",
         f"median of {st['iters']} interleaved rounds after {st['warmup']} warm-up iterations",
     ]
     baselines = [b for b in BASELINES if b in st["contenders"]]
@@ -422,7 +422,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="throughput of resnet_fast vs torchvision eager, torch.compile (and peers)",
         description=__doc__.split("\n\n")[0],
     )
-    _timing.add_model_args(p)
+    timing.add_model_args(p)
     p.add_argument(
         "--batch-size", type=int, nargs="+", default=[8], help="one or more batch sizes (default 8)"
     )

@@ -10,12 +10,12 @@ from . import bench, export, train, train_images, validate
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ._info import format_info, info
+    from .info import format_info, info
 
     data = info()
     if args.model:
-        from . import models
-        from ._explain import explain, format_explain
+        from .. import models
+        from .explain import explain, format_explain
 
         if args.model not in models.BUILDERS:
             print(f"resnet-fast info: error: unknown model {args.model!r}", file=sys.stderr)

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from . import __version__, _ext
-from .ops import backend, conv_route
+from .. import __version__, _ext
+from ..ops import backend, conv_route
 
 
 def info() -> dict:
@@ -56,7 +56,7 @@ def info() -> dict:
 
 def _own_kernels(module) -> str:
     """Whether float32 CPU layers have our kernels as candidates beside oneDNN."""
-    from .ops import layer_choice
+    from ..ops import layer_choice
 
     if module is None:
         return "oneDNN only (resnet_fast._C unavailable)"
@@ -77,7 +77,7 @@ def _own_kernels(module) -> str:
 
 def _cpu_bf16() -> str:
     """Whether this CPU multiplies bfloat16 natively or emulates it (converting to float32)."""
-    from ._timing import cpu_isa
+    from .timing import cpu_isa
 
     native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_isa()]
     if native:
@@ -87,7 +87,7 @@ def _cpu_bf16() -> str:
 
 def _cuda_sources_why_not() -> str:
     """Why the extension holds no CUDA code, and how to rebuild it with."""
-    from . import _build
+    from .. import _build
 
     home, why = _build.cuda_build_problem()
     if home is None and "FORCE_CUDA" not in why:

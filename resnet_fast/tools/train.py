@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import BackendUnavailable
+from ..ops import BackendUnavailable
 
 __all__ = ["ARCHS", "add_parser", "batches", "evaluate", "fit", "lr_factor", "shift_augment", "train_mnist"]
 

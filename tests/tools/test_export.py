@@ -2,7 +2,7 @@
 folded weights), AOTInductor, torch.jit, and `resnet-fast export`; against torchvision on the same
 weights, at small input sizes to keep CI fast.
 
-Bound: TOL (1e-4, scale-relative, float32) as in resnet_fast.export: exporting only reorders fp32
+Bound: TOL (1e-4, scale-relative, float32) as in resnet_fast.tools.export: exporting only reorders fp32
 roundings (BN folded into the conv, another runtime's conv algorithms), which costs <= 1e-6 here; a
 wrong fold, a missed residual or ReLU costs 1e-2 or more.
 """
@@ -20,10 +20,10 @@ import torchvision
 from _utils import randomize_bn
 
 import resnet_fast
-from resnet_fast import cli
-from resnet_fast import export as export_mod
-from resnet_fast.export import TOL
-from resnet_fast.validate import rel_err
+from resnet_fast.tools import cli
+from resnet_fast.tools import export as export_mod
+from resnet_fast.tools.export import TOL
+from resnet_fast.tools.validate import rel_err
 
 onnx = pytest.importorskip("onnx", reason="onnx is in the test extra: pip install -e '.[test]'")
 pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra: pip install -e '.[test]'")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import backend, conv_route, layer_choice
+from ..ops import backend, conv_route, layer_choice
 
 
 def explain(
@@ -105,7 +105,7 @@ _OWN_PATHS = {
 
 def _block_tails(model: nn.Module) -> set[str]:
     """Names of the convs whose epilogue adds the residual: the last conv of each block."""
-    from .models.resnet import BasicBlock, Bottleneck
+    from ..models.resnet import BasicBlock, Bottleneck
 
     tails = set()
     for name, m in model.named_modules():

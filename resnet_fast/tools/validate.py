@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import _timing
-from ._timing import UsageError
+from . import timing
+from .timing import UsageError
 
 # float32 tolerances (scale-relative) per mode. What differs between resnet_fast and torchvision in
 # the same layout is fusion (BN folded into conv weights, one epilogue, Welford batch statistics),
@@ -165,7 +165,7 @@ def torchvision_model(arch: str, weights: str | None, seed: int) -> nn.Module:
     init with randomized BN statistics."""
     import torchvision
 
-    from .models.resnet import _load_weights
+    from ..models.resnet import _load_weights
 
     torch.manual_seed(seed)
     if weights is None:
@@ -201,7 +201,7 @@ def torchvision_model(arch: str, weights: str | None, seed: int) -> nn.Module:
 
 def _in_layout(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor]:
     """torchvision in the layout resnet_fast runs (see tests/_utils.like_fused)."""
-    from .ops import backend_for
+    from ..ops import backend_for
 
     if backend_for(x.device) == "torch":
         return model, x
@@ -219,11 +219,11 @@ def validate(args: argparse.Namespace) -> dict:
     """Compare resnet_fast with torchvision; returns the report (also --json)."""
     import resnet_fast
 
-    _timing.check_arch(args.arch)
-    device, dtype = _timing.check_device_dtype(args.device, args.dtype)
+    timing.check_arch(args.arch)
+    device, dtype = timing.check_device_dtype(args.device, args.dtype)
     if args.batch_size < 1 or args.image_size < 16:
         raise UsageError("--batch-size must be positive and --image-size at least 16")
-    backend = _timing.set_backend_for(args.backend, device)
+    backend = timing.set_backend_for(args.backend, device)
     tv = torchvision_model(args.arch, args.weights, args.seed).to(device).train(args.mode == "train")
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
@@ -279,7 +279,7 @@ def validate(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "device": str(device),
         "backend": backend,
-        "fused_ops": _timing.fused_ops(),
+        "fused_ops": timing.fused_ops(),
         "weights": args.weights or "random init, randomized BN statistics",
         "batch_size": args.batch_size,
         "image_size": args.image_size,
@@ -333,7 +333,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="numerics of resnet_fast vs torchvision (exit status 1 past tolerance)",
         description=__doc__.split("\n\n")[0],
     )
-    _timing.add_model_args(p)
+    timing.add_model_args(p)
     p.add_argument(
         "--mode",
         choices=("eval", "train"),

@@ -6,7 +6,7 @@ import subprocess
 import torch
 
 import resnet_fast
-from resnet_fast._explain import _block_tails
+from resnet_fast.tools.explain import _block_tails
 
 
 def test_explain_lists_every_conv_with_its_input_shape():
