@@ -451,7 +451,8 @@ needs_amx = pytest.mark.skipif(
 )
 # (batch, cin, cout, h, w, kernel, stride, padding) for the AMX kernel (channels in multiples of 32): a
 # 1x1 stride-1 layer whose pixels end mid-tile (49), output rows shorter and longer than a 16-pixel
-# tile, stride 2 with and without padding, padding 2, a single pixel, a non-square input.
+# tile, stride 2 with and without padding, padding 2, a single pixel, a non-square input, no padding,
+# fewer input channels than a step's 32.
 AMX_SHAPES = [
     (1, 32, 64, 7, 7, 1, 1, 0),
     (3, 64, 96, 13, 13, 1, 2, 0),
@@ -461,6 +462,7 @@ AMX_SHAPES = [
     (1, 64, 64, 1, 1, 1, 1, 0),
     (1, 32, 64, 5, 19, 3, 1, 1),
     (2, 32, 32, 6, 9, 3, 1, 0),
+    (2, 16, 32, 6, 6, 3, 1, 1),  # 16 input channels: one step of 16, not 32
 ]
 
 
