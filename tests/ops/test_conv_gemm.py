@@ -323,13 +323,13 @@ def test_clear_errors():
 @pytest.fixture
 def _always_ours(request, monkeypatch):
     """The CPU plan as if layer_choice had measured our kernel faster wherever one runs the layer
-    (Winograd F(2x2, 3x3), or the path given as the fixture's parameter, for 3x3 stride-1 layers);
-    returns the paths taken, one per plan made."""
+    (Winograd F(2x2, 3x3), or the path given as the fixture's parameter, for 3x3 stride-1 layers; the
+    parameter "amx" takes the AMX paths wherever they run); returns the paths taken, one per plan made."""
     taken = []
     winograd = getattr(request, "param", "winograd")
 
     def choose(key, run, cache=None, before=None):
-        path = next((p for p in (winograd, "gemm", "gemm_rows") if p in run), "onednn")
+        path = next((p for p in (winograd, f"{winograd}_rows", "gemm", "gemm_rows") if p in run), "onednn")
         taken.append(path)
         return path
 
@@ -530,6 +530,22 @@ def test_amx_writes_into_the_residual_and_checks_its_arguments():
         )
     with pytest.raises(RuntimeError, match="residual must be"):
         _C.conv_amx_bias_act(x, packed, bias, res.float(), True, *geometry)
+
+
+@needs_amx
+@pytest.mark.parametrize("_always_ours", ["amx"], indirect=True)
+def test_bf16_model_runs_on_amx(_always_ours):
+    """A bfloat16 ResNet-50 with every conv on AMX tiles (the stem over kernel rows), within 2x torch's
+    own bfloat16 error of the float32 model."""
+    ours, theirs = torchvision_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x).double()
+        out = ours.bfloat16()(x.bfloat16())
+        torch_bf16 = theirs.bfloat16()(x.bfloat16())
+    assert _always_ours == ["amx_rows"] + ["amx"] * 52
+    error = (out.double() - expected).abs().max()
+    assert error <= 2 * (torch_bf16.double() - expected).abs().max()
 
 
 @pytest.mark.parametrize("chosen", ["winograd", "winograd4", "onednn", None])  # None: measured now
