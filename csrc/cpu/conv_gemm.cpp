@@ -599,8 +599,9 @@ __attribute__((target("amx-tile"))) void amx_configure(int64_t kc) {
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
 // c[32][32] = rows 0-15 from segment a0, 16-31 from a1 (a0[t]: tap t's first pixel, lda0 bytes between
-// pixels), columns 0-15 from panel b0, 16-31 from b1. The loads sit between the products that do not
-// read their tile, so that a load overlaps the product before it (tiles are not renamed).
+// pixels), columns 0-15 from panel b0, 16-31 from b1. A step's four loads, then its four products: on
+// the Xeon 1.05x and 1.10x faster over seven ResNet layer shapes (two in-process A/B runs) than each
+// load placed right before the first product that reads it.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* const* a0, int64_t lda0,
                                                             const uint16_t* const* a1, int64_t lda1, int64_t taps,
                                                             int64_t cin, const uint16_t* b0, const uint16_t* b1,
@@ -613,11 +614,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* cons
     const uint16_t *x0 = a0[t], *x1 = a1[t], *w0 = b0 + t * cin * NR, *w1 = b1 + t * cin * NR;
     for (int64_t k = 0; k < cin; k += 32) {
       _tile_loadd(4, x0 + k, lda0);
-      _tile_loadd(6, w0 + k * NR, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, w1 + k * NR, 64);
-      _tile_dpbf16ps(1, 4, 7);
       _tile_loadd(5, x1 + k, lda1);
+      _tile_loadd(6, w0 + k * NR, 64);
+      _tile_loadd(7, w1 + k * NR, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
