@@ -746,6 +746,16 @@ void amx_tasks(const Geometry& g, const at::Tensor& x, const uint16_t* wp, const
           lda[j] = cin * 2;
         }
         for (int64_t q = q0; q < q1; ++q) {
+          // The epilogue's lines (residual, output) fetched while the block computes: a residual was
+          // written three layers before, an output buffer a forward before, both out of the caches.
+          // In-process A/B on the Xeon, 10 layer shapes with the output evicted first: 1.06x faster at
+          // batch 8 (1.25-1.4x on residual layers), 1.05x at batch 1.
+          for (int i = 0; i < 32; ++i) {
+            if (out_row[i] < 0) continue;
+            const int64_t at = out_row[i] * cout + q * 32;
+            if (rp) _mm_prefetch(reinterpret_cast<const char*>(rp + at), _MM_HINT_T0);
+            if (rp != op) _mm_prefetch(reinterpret_cast<const char*>(op + at), _MM_HINT_T0);
+          }
           const uint16_t* w0 = wp + 2 * q * taps * cin * NR;
           amx_block(a.data(), lda[0], a.data() + taps, lda[1], taps, cin, w0, w0 + taps * cin * NR, c);
           amx_epilogue(c, out_row, bp ? bp + q * 32 : nullptr, rp ? rp + q * 32 : nullptr, op + q * 32, cout, relu);
