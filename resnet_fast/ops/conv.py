@@ -162,9 +162,10 @@ def _own_kernels(
     take groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where
     present), and a folded, finite weight (packed once, kept beside it). Float32: a 3x3 stride-1 layer
     gets Winograd, F(2x2, 3x3) ("winograd") and F(4x4, 3x3) ("winograd4": fewer multiplications, 2.25x
-    the weight bytes), beside the implicit GEMM, which reads the fewest weight bytes and wins where a
-    small input leaves the layer bound by them (batch 1 at 7x7: 1.81 ms vs Winograd's 2.2-2.3 and
-    oneDNN's 1.97 on the Xeon); a layer
+    the weight bytes), and where it has fewer pixels than output channels also the implicit GEMM,
+    which reads the fewest weight bytes and can win where they bound the layer (batch 1 at 7x7 with
+    512 channels: 1.81 ms vs Winograd's 2.2-2.3 and oneDNN's 1.97 on the Xeon; on larger inputs
+    Winograd won every time, so the GEMM is not timed there); a layer
     with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
     the GEMM. Bfloat16 (CPUs with AVX512_BF16): the GEMM where the input channels pair up (an even
     number), the GEMM over kernel rows where they are few (the stem's 3, given a zero fourth); on CPUs with AMX-BF16
@@ -207,12 +208,14 @@ def _own_kernels(
         and list(dilation) == [1, 1]
         and w.shape[1] % 8 == 0
     ):
-        packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
-        return {
+        kernels = {
             "winograd": _winograd(C, slot, x, w, bias, relu, padding, 2),
             "winograd4": _winograd(C, slot, x, w, bias, relu, padding, 4),
-            "gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation),
         }
+        if x.shape[0] * x.shape[2] * x.shape[3] < w.shape[0]:  # fewer pixels than channels: weight-bound
+            packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
+            kernels["gemm"] = _gemm(gemm, packed, bias, relu, stride, padding, dilation)
+        return kernels
     if w.shape[1] < 8 and list(dilation) == [1, 1]:
         return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
     packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))

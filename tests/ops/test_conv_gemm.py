@@ -548,7 +548,7 @@ def test_bf16_model_runs_on_amx(_always_ours):
     assert error <= 2 * (torch_bf16.double() - expected).abs().max()
 
 
-@pytest.mark.parametrize("chosen", ["winograd", "winograd4", "gemm", "onednn", None])  # None: measured now
+@pytest.mark.parametrize("chosen", ["winograd", "winograd4", "onednn", None])  # None: measured now
 def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chosen):
     """Weights are packed on a path's first call: a choice read from the cache packs only that path's,
     and after a measurement the other paths' packs are dropped."""
@@ -568,6 +568,32 @@ def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chose
     kinds = {k[0] for k in fold.folded(conv, bn).packed}
     path = chosen or layer_choice.CPU_CACHE.items()[0][1].path
     assert kinds == ({"cpp"} if path == "onednn" else {path})  # "cpp": oneDNN's prepacked weight
+
+
+@pytest.mark.parametrize("size", [2, 9])
+def test_a_3x3_layer_with_fewer_pixels_than_channels_may_take_the_gemm(monkeypatch, size):
+    """A 3x3 stride-1 layer's candidates are Winograd's two tiles, and the implicit GEMM too where its
+    weights outweigh its input (fewer output pixels than output channels); the GEMM, taken, is right."""
+    offered = []
+
+    def choose(key, run, cache=None, before=None):
+        offered.append(sorted(run))
+        return "gemm" if "gemm" in run else "winograd"
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", choose)
+    resnet_fast.set_backend("cpp")
+    conv, bn = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False).eval(), torch.nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, size, size).contiguous(memory_format=CL)  # 8 pixels < 32 channels, or 162 > 32
+    with torch.no_grad():
+        out = resnet_fast.nn.conv_bn_act(x, conv, bn)
+        expected = torch.relu(bn(conv(x)))
+    expected_paths = (
+        ["gemm", "onednn", "winograd", "winograd4"] if size == 2 else ["onednn", "winograd", "winograd4"]
+    )
+    assert offered == [expected_paths]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [1, 3])  # a 1x1 layer: the GEMM; a 3x3 stride-1 layer: Winograd
