@@ -108,7 +108,10 @@ bool use_avx512() {
 // of 1 row). The first K block starts from the bias and adds the residual after its sums (prefetched
 // here, so the loads find it in cache after the K loop instead of stalling before it: on the Zen 4,
 // 1% of a batch-1 ResNet-50 forward here, 2.7% in micro_tile_avx512), before the tile's first write to
-// c: c may be the residual itself (in place); later blocks continue from c's partial sums.
+// c: c may be the residual itself (in place); later blocks continue from c's partial sums. Without a
+// residual the first block prefetches c's lines instead: an output buffer was last written a forward
+// before (in-process A/B on the Xeon, 11 layer shapes with the output evicted first: 1.11x faster here
+// at batch 1, 1.05-1.09x in micro_tile_avx512, 1.05x at batch 8, 1.03x in micro_tile_bf16).
 template <int R>
 __attribute__((target("avx2,fma"))) void micro_tile_avx2(const float* const* a, int64_t taps, int64_t cin, int64_t k0,
                                                         int64_t kc, const float* bp, float* const* c, bool first,
@@ -121,6 +124,9 @@ __attribute__((target("avx2,fma"))) void micro_tile_avx2(const float* const* a, 
   if (first && res) {
 #pragma GCC unroll 6
     for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(res[i]), _MM_HINT_T0);
+  } else if (first) {
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(c[i]), _MM_HINT_T0);
   }
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) {
@@ -195,6 +201,11 @@ __attribute__((target("avx512f"))) void micro_tile_avx512(const float* const* a,
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NP; ++j) _mm_prefetch(reinterpret_cast<const char*>(res[i] + j * NR), _MM_HINT_T0);
+  } else if (first) {
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) _mm_prefetch(reinterpret_cast<const char*>(c[i] + j * NR), _MM_HINT_T0);
   }
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) {
@@ -296,6 +307,11 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NP; j += 2) _mm_prefetch(reinterpret_cast<const char*>(res[i] + j * NR), _MM_HINT_T0);
+  } else {
+#pragma GCC unroll 6
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j += 2) _mm_prefetch(reinterpret_cast<const char*>(c[i] + j * NR), _MM_HINT_T0);
   }
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i)
