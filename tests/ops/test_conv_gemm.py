@@ -573,7 +573,7 @@ def test_only_the_chosen_path_keeps_a_packed_weight(monkeypatch, tmp_path, chose
 @pytest.mark.parametrize("size", [2, 9])
 def test_a_3x3_layer_with_fewer_pixels_than_channels_may_take_the_gemm(monkeypatch, size):
     """A 3x3 stride-1 layer's candidates are Winograd's two tiles, and the implicit GEMM too where its
-    weights outweigh its input (fewer output pixels than output channels); the GEMM, taken, is right."""
+    weights outweigh its input (fewer input pixels than output channels); the GEMM, taken, is right."""
     offered = []
 
     def choose(key, run, cache=None, before=None):
