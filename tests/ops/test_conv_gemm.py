@@ -269,6 +269,40 @@ def test_writes_into_the_residual_or_a_given_buffer(isa, kernel, cin):
         run(None, torch.empty(2, 48, 5, 5).contiguous(memory_format=CL))
 
 
+# The weight transform's G per tile size: F(2x2, 3x3) on the points 0, 1, -1, infinity; F(4x4, 3x3) on 0,
+# 1, -1, 2, -2, infinity.
+_G = {
+    2: [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+    4: [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_weight_is_g_w_gt_rounded_once(tile):
+    """The packed weight U = G g G^T in [positions][Cout/16][Cin][16] panels, against float64: F(2x2)'s
+    halves are exact, so U is the float64 result rounded to float32; F(4x4)'s sixths and 24ths are not,
+    and U may sit one float32 step from it (one float64 division, then the rounding to float32)."""
+    torch.manual_seed(0)
+    cout, cin, n = 48, 24, tile + 2
+    weight = torch.randn(cout, cin, 3, 3) * torch.logspace(-3, 3, cin).reshape(1, cin, 1, 1)
+    G = torch.tensor(_G[tile], dtype=torch.float64)
+    u = (G @ weight.double() @ G.T).reshape(cout // 16, 16, cin, n * n).permute(3, 0, 2, 1)
+    packed = _C.pack_winograd_weight(weight, tile)
+    assert packed.shape == (n * n, cout // 16, cin, 16) and packed.dtype == torch.float32
+    if tile == 2:
+        assert torch.equal(packed, u.float())
+    else:
+        step = torch.finfo(torch.float32).eps * u.abs()  # at least one float32 step of the value
+        assert ((packed.double() - u).abs() <= step).all()
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_winograd_workspace(tile):
     x, weight, bias, _ = _case(2, 64, 32, 9, 9, 3, 1, 1, 1, False)
