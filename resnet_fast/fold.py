@@ -25,7 +25,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Folded", "fold_conv_bn", "folded", "invalidate", "packed_slot", "sources"]
+__all__ = [
+    "Folded",
+    "current",
+    "fold_conv_bn",
+    "folded",
+    "invalidate",
+    "last",
+    "packed_slot",
+    "sources",
+    "states",
+]
 
 _ATTR = "_resnet_fast_fold"
 # Folded weight -> its backend pack cache; entries vanish when the folded weight is dropped.
@@ -103,14 +113,16 @@ def sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
         return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+def states(tensors: tuple | list) -> list:
+    """Per tensor (None kept): what a fold depends on, its memory, version counter, dtype, device and
+    shape. Raises RuntimeError for inference tensors (no version counter)."""
+    return [None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors]
+
+
 def _key(dtype: torch.dtype, eps: float, srcs: tuple) -> tuple | None:
     """What the fold depends on; None for inference tensors (no version counter: never cached)."""
     try:
-        return (
-            dtype,
-            eps,
-            *[None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in srcs],
-        )
+        return (dtype, eps, *states(srcs))
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
 
@@ -147,6 +159,20 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
     cache.key, cache.entry = key, entry
     _SLOTS[weight] = entry.packed
     return entry
+
+
+def last(conv: nn.Conv2d) -> Folded | None:
+    """The fold last cached on conv, valid or not (None after invalidate())."""
+    cache = conv.__dict__.get(_ATTR)
+    return None if cache is None else cache.entry
+
+
+def current(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Folded | None:
+    """The fold folded(conv, bn, dtype) would return from its cache now, or None (none cached, or stale)."""
+    cache = conv.__dict__.get(_ATTR)
+    if cache is None or cache.key is None:
+        return None
+    return cache.entry if cache.key == _key(dtype, bn.eps, sources(conv, bn)) else None
 
 
 def packed_slot(weight: Tensor) -> dict | None:

@@ -74,6 +74,15 @@ def _changes():
         ours.layer4[1] = resnet_fast.from_torchvision(theirs).layer4[2]  # a copy of another block
         theirs.layer4[1] = theirs.layer4[2]
 
+    def eps_changed(ours, theirs):
+        for m in (ours, theirs):
+            m.layer2[0].bn2.eps = 0.5
+
+    def data_replaced(ours, theirs):  # new memory through .data: no version bump, a new data_ptr
+        mean = torch.randn_like(ours.layer3[1].bn2.running_mean)
+        for m in (ours, theirs):
+            m.layer3[1].bn2.running_mean.data = mean.clone()
+
     def data_written_and_invalidated(ours, theirs):
         for m in (ours, theirs):
             m.conv1.weight.data.mul_(0.5)  # bypasses the version counter: fold.invalidate() is the rule
@@ -85,6 +94,8 @@ def _changes():
         parameter_replaced,
         module_replaced,
         block_replaced,
+        eps_changed,
+        data_replaced,
         data_written_and_invalidated,
     ]
 
