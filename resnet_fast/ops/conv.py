@@ -66,8 +66,10 @@ _MAX_PACKS_PER_WEIGHT = 4
 def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=False) -> Runner:
     """oneDNN's fused convolution (prepacked weight), or where our kernels run (float32, groups 1, AVX2),
     whichever layer_choice measured fastest for this shape on this CPU (once; cached on disk): the
-    implicit GEMM, or for 3x3 stride-1 layers Winograd F(2x2, 3x3) or F(4x4, 3x3). With `inplace` (CPU) every path writes
-    into the residual; else ours write into a buffer from the run's Buffers, oneDNN into a fresh output."""
+    implicit GEMM, or for 3x3 stride-1 layers Winograd F(2x2, 3x3) or F(4x4, 3x3); a close call is
+    settled by timing its close paths in the model's first forwards (layer_choice.settle_in_model). With
+    `inplace` (CPU) every path writes into the residual; else ours write into a buffer from the run's
+    Buffers, oneDNN into a fresh output."""
     C = _ext.load()
     slot = fold.packed_slot(w)
     dense = w
@@ -130,29 +132,44 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
             evict(packed)
 
     path = layer_choice.choose_cpu(choice_key, candidates, before=before)
-    for name in kernels:
-        if name != path:
-            slot.pop((name,), None)  # our packed weight, if measured: not needed (a plan holds its own)
-    if path == "onednn":
-        return library
-    slot.pop(key, None)  # oneDNN's, if measured: only a Winograd plan keeps it (its fallback)
-    kernel = kernels[path]
+    # A close call (another path within CPU_DECISIVE of it alone) is settled in the model's forwards.
+    paths = [path, *layer_choice.rivals_cpu(choice_key, path)]
     all_finite = C.all_finite
-    # Winograd's transforms mix a 4x4 or 6x6 patch: one Inf or NaN would reach outputs that torch keeps finite.
-    fallback = onednn if path.startswith("winograd") else None
 
-    def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
-        if fallback is not None and not all_finite(x):
-            return fallback(x, residual)
-        # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
-        if residual is not None:
-            residual = residual.contiguous(memory_format=_CL)
-        if inplace and residual is not None:
-            return kernel(x, residual, residual, buffers)
-        return kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
+    def plan(name: str) -> Runner:
+        if name == "onednn":
+            return library
+        kernel = kernels[name]
+        # Winograd's transforms mix a 4x4 or 6x6 patch: one Inf or NaN would reach outputs that torch
+        # keeps finite.
+        fallback = onednn if name.startswith("winograd") else None
 
-    ours.__name__ = path
-    return ours
+        def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+            if fallback is not None and not all_finite(x):
+                return fallback(x, residual)
+            # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
+            if residual is not None:
+                residual = residual.contiguous(memory_format=_CL)
+            if inplace and residual is not None:
+                return kernel(x, residual, residual, buffers)
+            return kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
+
+        ours.__name__ = name
+        return ours
+
+    def keep_packs(names: list[str]) -> None:
+        for name in kernels:
+            if name not in names:
+                slot.pop((name,), None)  # our packed weight, if measured: not needed (a plan holds its own)
+        if "onednn" not in names:
+            slot.pop(key, None)  # oneDNN's, if measured: only a Winograd plan keeps it (its fallback)
+
+    keep_packs(paths)
+    if len(paths) == 1:
+        return plan(path)
+    return layer_choice.settle_in_model(
+        choice_key, {p: plan(p) for p in paths}, on_settled=lambda p: keep_packs([p])
+    )
 
 
 def _own_kernels(

@@ -18,8 +18,9 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ class Choice:
     path: str  # on CUDA "triton" or "cudnn"; on CPU "onednn", "gemm", "gemm_rows", "amx", "amx_rows",
     # "winograd" or "winograd4"
     ms: dict[str, float]  # median milliseconds per call of every path measured
+    # CPU close calls: median milliseconds of the close paths as they ran in a model's forwards, which
+    # decided `path` (see settle_in_model); None until then, and for the other keys.
+    in_model: dict[str, float] | None = None
 
 
 LAUNCHES = 10  # calls per event pair
@@ -44,6 +48,14 @@ CPU_ROUNDS = 3
 # first call measures every new shape; each sample starts from cold weights, so one is steady); close
 # calls still get the median of three.
 CPU_DECISIVE = 1.15
+
+
+# Close calls (no path CPU_DECISIVE times faster than another alone) are settled in the model's own
+# forwards: this many calls of each close path there, after one untimed call each. Off (False, or
+# RESNET_FAST_SETTLE=0) for outputs that never change from one call to the next: a settled close call
+# switches path once, and paths differ in the last bits.
+CPU_SETTLE_CALLS = 3
+SETTLE_IN_MODEL = os.environ.get("RESNET_FAST_SETTLE", "1") != "0"
 
 
 def batch_bucket(n: int) -> int:
@@ -242,3 +254,80 @@ def choose_cpu(
         known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS, CPU_DECISIVE, before)
         cache.put(key, known)
     return known.path
+
+
+# Plans made by settle_in_model still timing their paths, and those of them that ran since
+# runs_unsettled began (weakly held: a dropped plan leaves).
+_SETTLING: weakref.WeakSet = weakref.WeakSet()
+_TRIED: weakref.WeakSet = weakref.WeakSet()
+
+
+def runs_unsettled(fn: Callable[[], object]) -> bool:
+    """Calls fn(); whether it ran a layer plan that is still timing its close paths after it. Benchmarks
+    warm up until it does not, so that no timed call runs a path on trial."""
+    _TRIED.clear()
+    fn()
+    return any(run in _SETTLING for run in _TRIED)
+
+
+def rivals_cpu(key: str, path: str, cache: ChoiceCache | None = None) -> list[str]:
+    """The paths that measured within CPU_DECISIVE of `path` (the choice for `key`) alone and have not
+    been settled in a model yet: [] for a decisive or settled choice, or with SETTLE_IN_MODEL off."""
+    known = (cache or CPU_CACHE).get(key)
+    if not SETTLE_IN_MODEL or known is None or known.in_model is not None or path not in known.ms:
+        return []
+    return [p for p, ms in known.ms.items() if p != path and ms < known.ms[path] * CPU_DECISIVE]
+
+
+def settle_in_model(
+    key: str,
+    runs: dict[str, Callable[..., object]],
+    cache: ChoiceCache | None = None,
+    on_settled: Callable[[str], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Callable[..., object]:
+    """A layer's plan for a close call between `runs` (path -> run(*args), the measured choice first):
+    each call runs the next path in turn, timed, until every path has CPU_SETTLE_CALLS timed calls after
+    an untimed one; then the fastest median (ties to the library) runs from there on, and the cache
+    records it with those medians. Alone each sample starts from cold weights with the caches empty of
+    anything else; in a forward the other layers fill them, and with a last-level cache about the size
+    of the model's weights that can reverse a close call (ResNet-50's 7x7, 512-channel 3x3 layers at
+    batch 1 on the Xeon: Winograd 1.6-1.7 ms against the GEMM's 1.74-1.9 alone, 2.2-2.5 against
+    1.75-1.8 in the model)."""
+    cache = cache or CPU_CACHE
+    runs = dict(runs)
+    order = list(runs)
+    samples: dict[str, list[float]] = {p: [] for p in order}
+    calls = [0]
+    settled: list[Callable[..., object]] = []
+
+    def run(*args):
+        if settled:
+            return settled[0](*args)
+        _TRIED.add(run)
+        name = order[calls[0] % len(order)]
+        timed = calls[0] >= len(order)  # the first call of each path is untimed
+        calls[0] += 1
+        start = clock()
+        out = runs[name](*args)
+        if timed:
+            samples[name].append((clock() - start) * 1e3)
+        if not settled and all(len(v) >= CPU_SETTLE_CALLS for v in samples.values()):
+            ms = {p: statistics.median(v) for p, v in samples.items()}
+            path = min(ms, key=lambda p: (ms[p], p != LIBRARY_PATH["cpu"]))
+            settled.append(runs[path])
+            run.__name__ = path
+            for p in order:  # the other paths' plans, and the packed weights they hold, go
+                if p != path:
+                    del runs[p]
+            _SETTLING.discard(run)
+            known = cache.get(key)
+            if known is not None:
+                cache.put(key, replace(known, path=path, in_model=ms))
+            if on_settled is not None:
+                on_settled(path)
+        return out
+
+    run.__name__ = order[0]
+    _SETTLING.add(run)
+    return run

@@ -288,6 +288,8 @@ def _measure(
             for _ in range(args.warmup):
                 timing.timed(steps[name], s.device)
                 bar.update()
+            if args.warmup:
+                timing.settle(steps[name])  # no layer path on trial in the timed calls
         except Exception as error:
             if not args.keep_going:
                 raise

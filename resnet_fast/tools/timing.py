@@ -121,6 +121,18 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def settle(fn: Callable[[], object], limit: int = 40) -> int:
+    """Calls fn until a call runs no layer plan still timing its close paths (resnet_fast's CPU plans
+    settle a close call in the model's first forwards: layer_choice.settle_in_model), at most `limit`
+    times; returns the calls. Other contenders' fn is called once."""
+    from ..ops import layer_choice
+
+    calls = 1
+    while layer_choice.runs_unsettled(fn) and calls < limit:
+        calls += 1
+    return calls
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]],
     rounds: int,

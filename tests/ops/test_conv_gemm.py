@@ -813,3 +813,30 @@ def test_concurrent_forwards_use_their_own_buffers(_always_ours):
     assert not errors
     for i in range(2):
         _assert_matches(results[i], expected[i])
+
+
+def test_close_calls_are_settled_in_the_model_forwards(monkeypatch, tmp_path):
+    """Every candidate timed alike alone (a fake timer): every layer is a close call, so its plan runs
+    each candidate in turn in the model's forwards (real clock) until each has its timed calls; every
+    forward matches torchvision's meanwhile, and then every choice holds its in-model medians, its path
+    the fastest of them, and the other candidates' packed weights are gone."""
+    cache = layer_choice.ChoiceCache(tmp_path / "c.json", device_type="cpu")
+    monkeypatch.setattr(layer_choice, "CPU_CACHE", cache)
+    monkeypatch.setattr(layer_choice, "SETTLE_IN_MODEL", True)
+    monkeypatch.setattr(layer_choice, "cpu_timer", lambda fn, calls=1: [fn(), 1.0][1])
+    resnet_fast.set_backend("cpp")
+    ours, theirs = torchvision_pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    paths = 4  # at most: oneDNN, both Winograd tiles and the GEMM (layer4 at 1x1)
+    with torch.no_grad():
+        expected = theirs(x)
+        for _ in range(paths * (1 + layer_choice.CPU_SETTLE_CALLS)):
+            out = ours(x)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    choices = [c for k, c in cache.items() if len(c.ms) > 1 and not k.startswith("linear")]  # convs
+    assert choices and all(set(c.in_model) == set(c.ms) for c in choices)
+    assert all(c.path == min(c.in_model, key=c.in_model.get) for c in choices)
+    for m in ours.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kinds = {k[0] for k in fold.last(m).packed}
+            assert len(kinds) <= 1  # the chosen path's own ("cpp": oneDNN's prepacked weight)

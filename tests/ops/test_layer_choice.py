@@ -240,3 +240,46 @@ def test_cache_eviction_keeps_values():
     _ext.load().evict_from_cache(t)
     _ext.load().evict_from_cache(torch.empty(0))
     assert torch.equal(t, copy)
+
+
+def test_a_close_call_is_settled_by_timing_its_paths_in_the_model(tmp_path, monkeypatch):
+    """A CPU choice with a rival within CPU_DECISIVE alone runs its close paths in turn in the model,
+    each timed CPU_SETTLE_CALLS times after an untimed call; the faster there (here the rival) runs from
+    then on and the cache records it with the in-model medians (a fake clock)."""
+    monkeypatch.setattr(layer_choice, "SETTLE_IN_MODEL", True)
+    cache = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu")
+    alone = {"onednn": 2.0, "winograd": 1.0, "gemm": 1.1}
+    cache.put("k", layer_choice.Choice("winograd", alone))
+    assert layer_choice.rivals_cpu("k", "winograd", cache) == ["gemm"]  # oneDNN is decisively slower
+    in_model = {"winograd": 5.0, "gemm": 3.0}
+    now = [0.0]
+
+    def path(name):
+        def run(x):
+            now[0] += in_model[name] / 1e3
+            return name + x
+
+        return run
+
+    settled = []
+    trial = layer_choice.settle_in_model(
+        "t", {"winograd": path("winograd"), "gemm": path("gemm")}, cache, None, lambda: now[0]
+    )
+    assert layer_choice.runs_unsettled(lambda: trial("!")) is True  # benchmarks warm up on
+    run = layer_choice.settle_in_model(
+        "k", {"winograd": path("winograd"), "gemm": path("gemm")}, cache, settled.append, lambda: now[0]
+    )
+    assert run.__name__ == "winograd"
+    n = 2 * (1 + layer_choice.CPU_SETTLE_CALLS)
+    assert [run("!") for _ in range(n - 1)] == ["winograd!", "gemm!"] * (n // 2 - 1) + ["winograd!"]
+    assert layer_choice.runs_unsettled(lambda: "nothing") is False
+    assert layer_choice.runs_unsettled(lambda: run("!")) is False  # the last timed call: settled
+    assert settled == ["gemm"] and run.__name__ == "gemm"
+    assert [run("!") for _ in range(3)] == ["gemm!"] * 3
+    on_disk = layer_choice.ChoiceCache(tmp_path / "cpu.json", device_type="cpu").get("k")
+    assert on_disk == layer_choice.Choice("gemm", alone, pytest.approx(in_model))
+    assert layer_choice.rivals_cpu("k", "gemm", cache) == []  # settled: the next process runs the GEMM
+    # Off: close calls keep the path measured alone.
+    monkeypatch.setattr(layer_choice, "SETTLE_IN_MODEL", False)
+    cache.put("k2", layer_choice.Choice("winograd", alone))
+    assert layer_choice.rivals_cpu("k2", "winograd", cache) == []
