@@ -59,6 +59,7 @@ def explain(
             "backend": name_of_backend,
             "path": "unfused PyTorch",
             "ms": None,  # per candidate path, where layer_choice measured them
+            "in_model_ms": None,  # per close path, where a close call was settled in a model's forwards
         }
         # Layers with measured candidates: Triton's (CUDA) and the cpp backend's on CPU.
         measured = name_of_backend == "triton" or (name_of_backend == "cpp" and device.type == "cpu")
@@ -79,7 +80,7 @@ def explain(
             row["path"] = conv_route(device.type, param.dtype)
             choice = layer_choice.CPU_CACHE.get(key) if key else None
             if choice is not None:
-                row["ms"] = choice.ms
+                row["ms"], row["in_model_ms"] = choice.ms, choice.in_model
                 if choice.path in _OWN_PATHS:
                     row["path"] = f"{choice.path} (resnet_fast._C: {_OWN_PATHS[choice.path]}, fused epilogue)"
         elif name_of_backend == "triton" and key:
@@ -122,6 +123,12 @@ def format_explain(rows: list[dict]) -> str:
         times = ""
         if r["ms"]:
             times = "  (" + ", ".join(f"{path} {ms:.3f} ms" for path, ms in r["ms"].items()) + ")"
+            if r.get("in_model_ms"):
+                times += (
+                    " in the model ("
+                    + ", ".join(f"{p} {ms:.3f} ms" for p, ms in r["in_model_ms"].items())
+                    + ")"
+                )
         lines.append(
             f"{r['layer']:28s} {str(r['input']):22s} {str(r['weight']):18s} {r['backend']:7s} {r['path']}{times}"
         )
