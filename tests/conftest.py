@@ -25,7 +25,7 @@ def _private_choice_caches(tmp_path_factory):
     os.environ["RESNET_FAST_CACHE"] = str(root)
     # Close calls stay with the path measured alone: tests compare one call's output with another's
     # bit for bit (a replay with its recording), which a close call settled between them would change.
-    # tests/ops/test_layer_choice.py turns settling on where it tests it.
+    # The settling tests (tests/ops/test_layer_choice.py, test_conv_gemm.py) turn it on.
     layer_choice.SETTLE_IN_MODEL = False
     os.environ["RESNET_FAST_SETTLE"] = "0"
     layer_choice.CACHE = layer_choice.ChoiceCache(root / "cuda.json")
