@@ -285,7 +285,7 @@ _G = {
 
 
 @pytest.mark.parametrize("tile", [2, 4])
-def test_winograd_weight_is_g_w_gt_rounded_once(tile):
+def test_winograd_weight_is_g_w_gt_from_float64(tile):
     """The packed weight U = G g G^T in [positions][Cout/16][Cin][16] panels, against float64: F(2x2)'s
     halves are exact, so U is the float64 result rounded to float32; F(4x4)'s sixths and 24ths are not,
     and U may sit one float32 step from it (one float64 division, then the rounding to float32)."""
