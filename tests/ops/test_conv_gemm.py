@@ -787,6 +787,21 @@ def test_a_buffer_someone_holds_is_not_reused():
     assert buffers.output([2, 16, 4, 4], like).data_ptr() == ptr  # free again: reused
 
 
+def test_buffers_are_shared_by_shapes_of_one_size():
+    buffers = resnet_fast.ops.Buffers()
+    like = torch.empty(0)
+    stem = buffers.output([2, 64, 8, 8], like)
+    ptr = stem.data_ptr()
+    wide = buffers.output([2, 256, 4, 4], like)  # same size, stem still held: another buffer
+    assert wide.data_ptr() != ptr and wide.shape == (2, 256, 4, 4) and wide.is_contiguous(memory_format=CL)
+    del stem
+    again = buffers.output([2, 256, 4, 4], like)  # the stem's memory, free again, in the new shape
+    assert again.data_ptr() == ptr and again.shape == (2, 256, 4, 4) and again.is_contiguous(memory_format=CL)
+    assert buffers.output([2, 16, 8, 8], like).data_ptr() not in (ptr, wide.data_ptr())  # another size
+    with pytest.raises(ValueError, match="4-D"):
+        buffers.output([2, 64, 64], like)
+
+
 def test_concurrent_forwards_use_their_own_buffers(_always_ours):
     import threading
 
