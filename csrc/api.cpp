@@ -369,8 +369,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether conv_gemm_bias_act takes bfloat16 here (a CPU with AVX512_BF16)");
   m.def("pack_conv_gemm_weight", &resnet_fast::cpu::pack_conv_gemm_weight,
         "[Cout, Cin, KH, KW] float32 -> [Cout/16, KH, KW, Cin, 16] panels for conv_gemm_bias_act; bfloat16 (Cin "
-        "even) -> [Cout/16, KH, KW, Cin/2, 16, 2]",
-        py::arg("w"));
+        "even) -> [Cout/16, KH, KW, Cin/2, 16, 2]; of w * scale[o] when a float32 [Cout] scale is given (a BN fold); "
+        "None where a packed value is not finite",
+        py::arg("w"), py::arg("scale") = py::none());
   m.def("conv_gemm_bias_act", &resnet_fast::cpu::conv_gemm_bias_act,
         "act(conv2d(x, w) + b (+ residual)) on float32 (or bfloat16 with a float32 b, AVX512_BF16) with contiguous channels (channels_last, or any view whose "
         "pixels are read through its strides; groups 1), one implicit GEMM with the epilogue fused; written into out "
@@ -387,8 +388,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("padding"), py::arg("out") = py::none());
   m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,
         "[Cout, Cin, 3, 3] float32 -> Winograd F(tile x tile, 3x3) weights G w G^T as [(tile + 2)^2, Cout/16, Cin, 16] "
-        "panels; tile 2 or 4",
-        py::arg("w"), py::arg("tile") = 2);
+        "panels; tile 2 or 4; of w * scale[o] when a float32 [Cout] scale is given (a BN fold); None where a packed "
+        "value is not finite",
+        py::arg("w"), py::arg("tile") = 2, py::arg("scale") = py::none());
   m.def("conv_winograd_bias_act", &resnet_fast::cpu::conv_winograd_bias_act,
         "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight (either tile), "
         "channels_last float32; written into out when given (out may be the residual itself), its scratch in workspace when given",

@@ -12,8 +12,8 @@ steps, running stats updated by a train-mode forward) bump the version, and .to(
 change data_ptr or dtype, so a cached fold is never used after its sources changed. Writes
 through `tensor.data` bypass version counters: call invalidate(model) after those.
 
-Backends cache their prepacked forms of a folded weight in packed_slot(weight): it lives and dies
-with the folded weight, so it is refreshed whenever the fold is.
+Backends cache their prepacked forms of a folded weight in the fold's `packed` dict (packed_slot(weight)
+finds it from the weight): it lives and dies with the fold, so it is refreshed whenever the fold is.
 """
 
 from __future__ import annotations
@@ -42,6 +42,40 @@ _ATTR = "_resnet_fast_fold"
 _SLOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _math_dtype(conv_weight: Tensor) -> torch.dtype:
+    return torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+
+
+def _scale_bias(
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    math: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(gamma / sqrt(var + eps), b') in `math`: the per-output-channel scale of w', and b'."""
+
+    def m(t: Tensor) -> Tensor:  # no cast node where none is needed (exported graphs stay small)
+        return t if t.dtype == math else t.to(math)
+
+    inv_std = torch.rsqrt(m(running_var) + eps)
+    scale = inv_std if bn_weight is None else m(bn_weight) * inv_std
+    bias = -m(running_mean) if conv_bias is None else m(conv_bias) - m(running_mean)
+    bias = bias * scale
+    if bn_bias is not None:
+        bias = bias + m(bn_bias)
+    return scale, bias
+
+
+def _scaled(conv_weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """w' = w * scale[o] in scale's dtype, cast once to `dtype`."""
+    math = scale.dtype
+    weight = (conv_weight if conv_weight.dtype == math else conv_weight.to(math)) * scale.reshape(-1, 1, 1, 1)
+    return weight if dtype == math else weight.to(dtype)
+
+
 def fold_conv_bn(
     conv_weight: Tensor,
     conv_bias: Tensor | None,
@@ -57,31 +91,60 @@ def fold_conv_bn(
     Plain tensor math: traceable by torch.compile, differentiable.
     """
     dtype = conv_weight.dtype if dtype is None else dtype
-    math = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
-
-    def m(t: Tensor) -> Tensor:  # no cast node where none is needed (exported graphs stay small)
-        return t if t.dtype == math else t.to(math)
-
-    inv_std = torch.rsqrt(m(running_var) + eps)
-    scale = inv_std if bn_weight is None else m(bn_weight) * inv_std
-    weight = m(conv_weight) * scale.reshape(-1, 1, 1, 1)
-    bias = -m(running_mean) if conv_bias is None else m(conv_bias) - m(running_mean)
-    bias = bias * scale
-    if bn_bias is not None:
-        bias = bias + m(bn_bias)
-    return (weight, bias) if dtype == math else (weight.to(dtype), bias.to(dtype))
+    scale, bias = _scale_bias(
+        conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, _math_dtype(conv_weight)
+    )
+    return _scaled(conv_weight, scale, dtype), bias if bias.dtype == dtype else bias.to(dtype)
 
 
 @dataclass(eq=False)
 class Folded:
-    """A folded conv+BN: weight [Cout, Cin/groups, KH, KW] and bias [Cout] in the run dtype."""
+    """A folded conv+BN in the run dtype `dtype`: weight = source * scale[o] ([Cout, Cin/groups, KH, KW]),
+    made on first use, and bias [Cout].
 
-    weight: Tensor
+    The weight is made only where a path reads it dense: the CPU kernels pack straight from source and
+    scale, and writing ResNet-50's 100 MB of folded weights first took ~45 ms of a 0.6 s first call
+    (batch 8, Xeon)."""
+
+    source: Tensor  # the conv weight
+    scale: Tensor  # [Cout], in the fold's math dtype: float32 (float64 for a float64 conv weight)
     bias: Tensor
+    dtype: torch.dtype
     packed: dict = field(default_factory=dict)  # backend prepacked forms of `weight`, see packed_slot()
     # Resolved backend calls (ops.conv_runner) by input shape, device, backend and epilogue: the
     # per-layer plans of nn.fused, kept exactly as long as this fold is valid.
     runners: dict = field(default_factory=dict)
+    _weight: Tensor | None = field(default=None, repr=False)
+    _version: int | None = field(default=None, repr=False)  # the conv weight's, when folded
+
+    def __post_init__(self) -> None:
+        try:
+            self._version = self.source._version
+        except RuntimeError:  # an inference tensor (no version counter): made now, while it is as folded
+            self._make()
+
+    @property
+    def weight(self) -> Tensor:
+        return self._weight if self._weight is not None else self._make()
+
+    def _make(self) -> Tensor:
+        if self._version is not None and self.source._version != self._version:
+            raise RuntimeError(
+                "resnet_fast: this fold's conv weight changed in place since it was folded; fold again "
+                "(fold.folded) instead of reading a stale fold"
+            )
+        with torch.no_grad():
+            self._weight = _scaled(self.source, self.scale, self.dtype)
+        _SLOTS[self._weight] = self.packed
+        return self._weight
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.source.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
 
 
 class _Cache:
@@ -142,8 +205,8 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
     if cache is not None and key is not None and cache.key == key:
         return cache.entry
     with torch.no_grad():
-        weight, bias = fold_conv_bn(*srcs, bn.eps, dtype)
-    entry = Folded(weight, bias)
+        scale, bias = _scale_bias(*srcs[1:], bn.eps, _math_dtype(srcs[0]))
+    entry = Folded(srcs[0], scale, bias if bias.dtype == dtype else bias.to(dtype), dtype)
     if key is None:
         warnings.warn(
             "resnet_fast: this model's parameters are inference tensors (made under torch.inference_mode), "
@@ -157,7 +220,6 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
         cache = _Cache()
         object.__setattr__(conv, _ATTR, cache)  # a plain attribute: not a parameter, buffer or submodule
     cache.key, cache.entry = key, entry
-    _SLOTS[weight] = entry.packed
     return entry
 
 

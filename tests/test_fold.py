@@ -215,6 +215,27 @@ def test_prepacked_weights_follow_the_fold(backend):
     assert fold.folded(conv, bn) is not entry
 
 
+def test_folded_weight_is_made_on_first_use_from_unchanged_sources():
+    """folded() computes the scale and bias; the weight, conv weight x scale, only when read (the CPU
+    kernels pack from the two without it), with fold_conv_bn's bits. Read after its conv weight changed in
+    place, a fold raises instead of giving a weight that was never the fold's."""
+    conv, bn = _pair()
+    entry = fold.folded(conv, bn)
+    assert entry._weight is None
+    weight, bias = fold.fold_conv_bn(
+        conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )
+    assert torch.equal(entry.weight, weight) and torch.equal(entry.bias, bias)
+    assert entry.weight is entry.weight and fold.packed_slot(entry.weight) is entry.packed
+    assert entry.shape == conv.weight.shape and entry.dtype == torch.float32
+    stale = fold.folded(conv, bn, torch.float64)  # another run dtype: another fold, its weight not made
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        stale.weight  # noqa: B018
+    assert torch.equal(fold.folded(conv, bn).weight, weight * 2)  # a new fold
+
+
 def test_copies_and_pickles_of_a_model_with_cached_folds(backend):
     model = resnet_fast.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)

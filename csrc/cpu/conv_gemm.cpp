@@ -20,6 +20,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <atomic>
@@ -796,20 +798,54 @@ bool conv_gemm_bf16_supported() { return conv_gemm_supported() && cpu_features()
 
 bool conv_amx_supported() { return cpu_features().amx_bf16; }
 
-at::Tensor pack_conv_gemm_weight(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 4 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "pack_conv_gemm_weight: expected a float32 or bfloat16 [Cout, Cin, KH, KW] weight, got ", w.sizes(), " ",
-              w.scalar_type());
+namespace {
+
+// Finite iff its exponent bits are not all set.
+inline bool finite_value(float v) { return (c10::bit_cast<uint32_t>(v) & 0x7F800000u) != 0x7F800000u; }
+
+// A per-output-channel float32 scale of n elements (checked), or null.
+const float* check_scale(const char* name, const std::optional<at::Tensor>& scale, int64_t n) {
+  if (!scale.has_value()) return nullptr;
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->numel() == n && scale->is_contiguous() &&
+                  scale->device().is_cpu(),
+              name, ": scale must be a contiguous float32 CPU tensor of ", n, " elements");
+  return scale->const_data_ptr<float>();
+}
+
+}  // namespace
+
+std::optional<at::Tensor> pack_conv_gemm_weight(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(w.dim() == 4 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && w.device().is_cpu(),
+              "pack_conv_gemm_weight: expected a float32 or bfloat16 [Cout, Cin, KH, KW] CPU weight, got ", w.sizes(),
+              " ", w.scalar_type(), " on ", w.device());
   const int64_t cout = w.size(0), cin = w.size(1), kh = w.size(2), kw = w.size(3);
   TORCH_CHECK(cout % NR == 0, "pack_conv_gemm_weight: Cout must be a multiple of ", NR, ", got ", cout);
-  if (w.scalar_type() == at::kFloat) {
-    // [Cout, Cin, KH, KW] -> [Cout/16, 16, Cin, KH, KW] -> [Cout/16, KH, KW, Cin, 16]
-    return w.reshape({cout / NR, NR, cin, kh, kw}).permute({0, 3, 4, 2, 1}).contiguous();
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || cin % 2 == 0, "pack_conv_gemm_weight: a bfloat16 weight needs an even Cin, got ", cin);
+  check_scale("pack_conv_gemm_weight", scale, cout);
+  const c10::NoGradGuard no_grad;  // w may be a module's parameter: its packed form is data, not a graph node
+  // float32: [Cout/16, KH, KW, Cin, 16]; bfloat16: channel pairs, the operand of AVX512_BF16's dot
+  // product, [Cout/16, KH, KW, Cin/2, 16, 2]. Written through a view in w's order, in one pass:
+  // w * scale[o] is computed in float32 and rounded once to w's dtype, as the fold computes it.
+  at::Tensor packed, view, source;
+  if (bf16) {
+    packed = at::empty({cout / NR, kh, kw, cin / 2, NR, 2}, w.options());
+    view = packed.permute({0, 4, 3, 5, 1, 2});  // [Cout/16, 16, Cin/2, 2, KH, KW]
+    source = w.reshape({cout / NR, NR, cin / 2, 2, kh, kw});
+  } else {
+    packed = at::empty({cout / NR, kh, kw, cin, NR}, w.options());
+    view = packed.permute({0, 4, 3, 1, 2});  // [Cout/16, 16, Cin, KH, KW]
+    source = w.reshape({cout / NR, NR, cin, kh, kw});
   }
-  // bfloat16: channel pairs, the operand of AVX512_BF16's dot product:
-  // [Cout/16, 16, Cin/2, 2, KH, KW] -> [Cout/16, KH, KW, Cin/2, 16, 2]
-  TORCH_CHECK(cin % 2 == 0, "pack_conv_gemm_weight: a bfloat16 weight needs an even Cin, got ", cin);
-  return w.reshape({cout / NR, NR, cin / 2, 2, kh, kw}).permute({0, 4, 5, 2, 1, 3}).contiguous();
+  if (scale.has_value()) {
+    std::vector<int64_t> per_row(view.dim(), 1);
+    per_row[0] = cout / NR, per_row[1] = NR;
+    at::mul_out(view, source, scale->reshape(per_row));
+  } else {
+    view.copy_(source);
+  }
+  if (!all_finite(packed)) return std::nullopt;
+  return packed;
 }
 
 at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
@@ -1100,39 +1136,53 @@ __attribute__((always_inline)) inline void winograd_weight_panel(const double (*
   }
 }
 
-// Panels [b, e) of (panel, input channel) pairs, one full 64-byte line per position and pair.
+// Panels [b, e) of (panel, input channel) pairs, one full 64-byte line per position and pair, from
+// w[o] * scale[o] (scale may be null; the float32 product, as the fold computes it). Whether every value
+// written is finite.
 template <int M>
-__attribute__((always_inline)) inline void pack_winograd_range(const float* src, float* dst, int64_t cout,
-                                                               int64_t cin, int64_t b, int64_t e) {
+__attribute__((always_inline)) inline bool pack_winograd_range(const float* src, const float* scale, float* dst,
+                                                               int64_t cout, int64_t cin, int64_t b, int64_t e) {
   double g[9][NR];
+  bool finite = true;
   for (int64_t i = b; i < e; ++i) {
     const int64_t panel = i / cin, c = i % cin;
     for (int64_t l = 0; l < NR; ++l) {
       const float* taps = src + ((panel * NR + l) * cin + c) * 9;
-      for (int k = 0; k < 9; ++k) g[k][l] = taps[k];
+      const float s = scale ? scale[panel * NR + l] : 1.0f;
+      for (int k = 0; k < 9; ++k) g[k][l] = scale ? taps[k] * s : taps[k];
     }
-    winograd_weight_panel<M>(g, dst + (panel * cin + c) * NR, cout * cin);
+    float* out = dst + (panel * cin + c) * NR;
+    winograd_weight_panel<M>(g, out, cout * cin);
+    for (int p = 0; p < Winograd<M>::N * Winograd<M>::N; ++p) {
+      for (int l = 0; l < NR; ++l) finite &= finite_value(out[p * cout * cin + l]);
+    }
   }
+  return finite;
 }
 
 #if RF_HAVE_CONV_GEMM
 template <int M>
-__attribute__((target("avx2,fma"))) void pack_winograd_range_avx2(const float* src, float* dst, int64_t cout,
-                                                                   int64_t cin, int64_t b, int64_t e) {
-  pack_winograd_range<M>(src, dst, cout, cin, b, e);
+__attribute__((target("avx2,fma"))) bool pack_winograd_range_avx2(const float* src, const float* scale, float* dst,
+                                                                   int64_t cout, int64_t cin, int64_t b, int64_t e) {
+  return pack_winograd_range<M>(src, scale, dst, cout, cin, b, e);
 }
 #endif
 
 template <int M>
-void pack_winograd(const float* src, float* dst, int64_t cout, int64_t cin) {
+bool pack_winograd(const float* src, const float* scale, float* dst, int64_t cout, int64_t cin) {
   // Vectorized across a panel's output channels (the float64 scalar version took 36 ms for a 512-channel
   // F(4x4) weight, most of a first call's packing).
+  std::atomic<bool> finite{true};
   at::parallel_for(0, cout / NR * cin, 64, [&](int64_t b, int64_t e) {
 #if RF_HAVE_CONV_GEMM
-    if (cpu_features().avx2_fma) return pack_winograd_range_avx2<M>(src, dst, cout, cin, b, e);
+    if (cpu_features().avx2_fma) {
+      if (!pack_winograd_range_avx2<M>(src, scale, dst, cout, cin, b, e)) finite.store(false);
+      return;
+    }
 #endif
-    pack_winograd_range<M>(src, dst, cout, cin, b, e);
+    if (!pack_winograd_range<M>(src, scale, dst, cout, cin, b, e)) finite.store(false);
   });
+  return finite.load();
 }
 
 int64_t winograd_positions(int64_t tile) { return (tile + 2) * (tile + 2); }
@@ -1147,22 +1197,22 @@ int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntAr
   return winograd_positions(tile) * tiles * (x_shape[1] + cout);  // V [P][tiles][Cin], then M [P][tiles][Cout]
 }
 
-at::Tensor pack_winograd_weight(const at::Tensor& w, int64_t tile) {
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
-              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] weight, got ", w.sizes(), " ", w.scalar_type());
+std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
+              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] CPU weight, got ", w.sizes(), " ",
+              w.scalar_type(), " on ", w.device());
   TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
   TORCH_CHECK(tile == 2 || tile == 4, "pack_winograd_weight: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
               tile);
   const int64_t cout = w.size(0), cin = w.size(1);
+  const float* sp = check_scale("pack_winograd_weight", scale, cout);
   const at::Tensor wc = w.contiguous();
   // [P positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
   at::Tensor packed = at::empty({winograd_positions(tile), cout / NR, cin, NR},
                                 w.options().memory_format(at::MemoryFormat::Contiguous));
-  if (tile == 2) {
-    pack_winograd<2>(wc.const_data_ptr<float>(), packed.mutable_data_ptr<float>(), cout, cin);
-  } else {
-    pack_winograd<4>(wc.const_data_ptr<float>(), packed.mutable_data_ptr<float>(), cout, cin);
-  }
+  const bool finite = tile == 2 ? pack_winograd<2>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin)
+                                : pack_winograd<4>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin);
+  if (!finite) return std::nullopt;
   return packed;
 }
 

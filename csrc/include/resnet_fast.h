@@ -59,8 +59,10 @@ std::string conv_gemm_isa();
 // Whether conv_gemm_bias_act takes bfloat16 here (AVX512_BF16).
 bool conv_gemm_bf16_supported();
 // w [Cout, Cin, KH, KW] float32 (Cout a multiple of 16) -> [Cout/16, KH, KW, Cin, 16] panels; bfloat16
-// (Cin even) -> [Cout/16, KH, KW, Cin/2, 16, 2] (channel pairs).
-at::Tensor pack_conv_gemm_weight(const at::Tensor& w);
+// (Cin even) -> [Cout/16, KH, KW, Cin/2, 16, 2] (channel pairs). With scale (float32 [Cout]), of
+// w * scale[o] (a BN fold, packed without writing the folded weight). nullopt where a packed value is not
+// finite: the kernels would spread it where torch skips padding.
+std::optional<at::Tensor> pack_conv_gemm_weight(const at::Tensor& w, const std::optional<at::Tensor>& scale);
 // out: where to write (channels_last, the output's shape; may be the residual itself), else fresh.
 at::Tensor conv_gemm_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
                               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
@@ -75,8 +77,9 @@ at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, cons
                              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride,
                              at::IntArrayRef padding, const std::optional<at::Tensor>& out);
 // 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) or F(4x4, 3x3) (same file, same CPUs, same out
-// rules). w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [P, Cout/16, Cin, 16] panels, P = (tile + 2)^2.
-at::Tensor pack_winograd_weight(const at::Tensor& w, int64_t tile);
+// rules). w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [P, Cout/16, Cin, 16] panels, P = (tile + 2)^2;
+// scale and nullopt as pack_conv_gemm_weight's (a transform mixes 9 taps: one Inf or NaN reaches a whole tile).
+std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile, const std::optional<at::Tensor>& scale);
 at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
                                   const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
                                   const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& workspace);

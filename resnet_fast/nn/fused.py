@@ -202,7 +202,7 @@ def _eval_fused(
         if len(entry.runners) >= _MAX_PLANS_PER_LAYER:
             del entry.runners[next(iter(entry.runners))]  # the oldest, with the prepacked weight it holds
         run = entry.runners[key] = ops.conv_runner(
-            x, entry.weight, entry.bias, residual, relu, *_geometry(conv), inplace=inplace
+            x, entry, entry.bias, residual, relu, *_geometry(conv), inplace=inplace
         )
     out = run(x, residual, buffers)
     if buffers is not None:

@@ -71,8 +71,12 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     `inplace` (CPU) every path writes into the residual; else ours write into a buffer from the run's
     Buffers, oneDNN into a fresh output."""
     C = _ext.load()
-    slot = fold.packed_slot(w)
-    dense = w
+    folded = w if isinstance(w, fold.Folded) else None
+    slot = folded.packed if folded is not None else fold.packed_slot(w)
+
+    def dense() -> Tensor:  # a Folded's weight is made only where a path reads it dense
+        return folded.weight if folded is not None else w
+
     # A folded (persistent) weight: prepacked for oneDNN once per route, conv geometry and input shape,
     # on first use (not at all when our kernel is chosen from the cache).
     key = ("cpp", C.conv_route(x.device.type, x.dtype), *stride, *padding, *dilation, groups, *x.shape)
@@ -84,10 +88,10 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
             ours = [k for k in slot if k[0] == "cpp"]
             if len(ours) >= _MAX_PACKS_PER_WEIGHT:
                 del slot[ours[0]]  # the oldest
-            packed = slot[key] = C.prepack_conv_weight(dense, stride, padding, dilation, groups, x_shape)
+            packed = slot[key] = C.prepack_conv_weight(dense(), stride, padding, dilation, groups, x_shape)
         return packed
 
-    weight = _held(prepack) if slot is not None else lambda: dense
+    weight = _held(prepack) if slot is not None else dense
     run, into_residual = C.conv_bias_act, C.conv_bias_act_into_residual
 
     def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
@@ -101,19 +105,20 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     library.__name__ = "onednn"
     if x.device.type == "cpu":
         keep_freed_memory()  # oneDNN's outputs, and our first forward's, come back from the heap next time
-    kernels = _own_kernels(C, slot, x, dense, b, relu, stride, padding, dilation, groups)
+    kernels = _own_kernels(C, slot, x, w, dense, b, relu, stride, padding, dilation, groups)
     if not kernels:
         return library
-    shape = _conv_out_shape(x, dense, stride, padding, dilation)
+    shape = _conv_out_shape(x, w, stride, padding, dilation)
     # Ours are timed as they run in a model's forward: into a warm output buffer, with warm scratch.
     out = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
     space = Buffers()
     candidates = {"onednn": lambda: onednn(x, residual)}
-    for name, kernel in kernels.items():
+    for name, (kernel, _) in kernels.items():
         candidates[name] = lambda kernel=kernel: kernel(x, residual, out, space)
+
     choice_key = layer_choice.conv_key(
         tuple(x.shape),
-        tuple(dense.shape),
+        tuple(w.shape),
         x.dtype,
         stride,
         padding,
@@ -131,6 +136,12 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         for packed in list(slot.values()):
             evict(packed)
 
+    # The packers say whether every packed value is finite; a NaN or Inf weight runs oneDNN (where torch
+    # skips the padding, the GEMM would multiply it by 0; Winograd's transforms spread it over a tile).
+    if layer_choice.known_cpu(choice_key, candidates) is None and any(
+        p() is None for _, p in kernels.values()
+    ):
+        return library  # paths are measured with finite weights only
     path = layer_choice.choose_cpu(choice_key, candidates, before=before)
     # A close call (another path within CPU_DECISIVE of it alone) is settled in the model's forwards.
     paths = [path, *layer_choice.rivals_cpu(choice_key, path)]
@@ -139,12 +150,16 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     def plan(name: str) -> Runner:
         if name == "onednn":
             return library
-        kernel = kernels[name]
+        kernel, packed = kernels[name]
         # Winograd's transforms mix a 4x4 or 6x6 patch: one Inf or NaN would reach outputs that torch
         # keeps finite.
         fallback = onednn if name.startswith("winograd") else None
 
         def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+            # A NaN or Inf weight (packed on a plan's first call, a rival's on its turn): oneDNN on the
+            # folded weight, not its prepacked form (freed once ours was chosen).
+            if packed() is None:
+                return run(x, dense(), b, residual, relu, stride, padding, dilation, groups)
             if fallback is not None and not all_finite(x):
                 return fallback(x, residual)
             # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
@@ -173,11 +188,13 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
 
 
 def _own_kernels(
-    C, slot, x, w, b, relu, stride, padding, dilation, groups
-) -> dict[str, Callable[..., Tensor]]:
-    """resnet_fast._C's kernels that run this layer: kernel(x, residual, out, buffers) by path name. They
-    take groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where
-    present), and a folded, finite weight (packed once, kept beside it). Float32: a 3x3 stride-1 layer
+    C, slot, x, w, dense, b, relu, stride, padding, dilation, groups
+) -> dict[str, tuple[Callable[..., Tensor], Callable[[], Tensor | None]]]:
+    """resnet_fast._C's kernels that run this layer, by path name: (kernel(x, residual, out, buffers), its
+    packed weight: packed on first use, kept beside the fold; None where a packed value is not finite).
+    They take groups 1, output channels in 16-channel panels, a CPU with AVX2 + FMA (AVX-512 used where
+    present), and a folded weight: w a fold.Folded (packed from its conv weight and BN scale) or a weight
+    it made (dense() gives it). Float32: a 3x3 stride-1 layer
     gets Winograd, F(2x2, 3x3) ("winograd") and F(4x4, 3x3) ("winograd4": fewer multiplications, 2.25x
     the weight bytes), and where it has fewer pixels than output channels also the implicit GEMM,
     which reads the fewest weight bytes and can win where they bound the layer (batch 1 at 7x7 with
@@ -194,9 +211,14 @@ def _own_kernels(
         or groups != 1
         or w.shape[0] % 16
         or not C.conv_gemm_supported()
-        or not C.all_finite(w)  # where torch skips the padding, the GEMM would multiply a NaN weight by 0
     ):
         return {}
+    # What the packers read: a fold's conv weight and BN scale (w * scale[o] rounded once to the run dtype,
+    # as Folded.weight computes it), else the folded weight.
+    if isinstance(w, fold.Folded) and w.source.dtype == w.dtype and w.scale.dtype == torch.float32:
+        source, scale = w.source, w.scale
+    else:
+        source, scale = dense(), None
     bias = None if b is None else b.float().contiguous()  # the kernels add a float32 bias
     gemm = C.conv_gemm_bias_act
     if x.dtype == torch.bfloat16:
@@ -206,18 +228,19 @@ def _own_kernels(
         # AMX tiles (where the CPU has them): 32 output channels a block, up to 32 input channels a step.
         amx = C.conv_amx_supported() and w.shape[0] % 32 == 0 and list(dilation) == [1, 1]
         if w.shape[1] < 8 and list(dilation) == [1, 1]:
-            kernels = {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
+            rows = _packed(slot, "gemm_rows", lambda: _pack_rows(C, source, scale))
+            kernels = {"gemm_rows": (_gemm_rows(C, rows, w, bias, relu, stride, padding), rows)}
             if (
                 amx and w.shape[3] * (w.shape[1] + w.shape[3] * w.shape[1] % 2) <= 32
             ):  # a kernel row: one step
-                kernels["amx_rows"] = _gemm_rows(C, slot, w, bias, relu, stride, padding, amx=True)
+                kernels["amx_rows"] = (_gemm_rows(C, rows, w, bias, relu, stride, padding, amx=True), rows)
             return kernels
         if w.shape[1] % 2:
             return {}
-        packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
-        kernels = {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+        packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(source, scale))
+        kernels = {"gemm": (_gemm(gemm, packed, bias, relu, stride, padding, dilation), packed)}
         if amx and (w.shape[1] % 32 == 0 or w.shape[1] < 32):
-            kernels["amx"] = _amx(C, packed, w.shape[2:], bias, relu, stride, padding)  # same packed weight
+            kernels["amx"] = (_amx(C, packed, w.shape[2:], bias, relu, stride, padding), packed)  # the same
         return kernels
     if (
         tuple(w.shape[2:]) == (3, 3)
@@ -225,24 +248,23 @@ def _own_kernels(
         and list(dilation) == [1, 1]
         and w.shape[1] % 8 == 0
     ):
-        kernels = {
-            "winograd": _winograd(C, slot, x, w, bias, relu, padding, 2),
-            "winograd4": _winograd(C, slot, x, w, bias, relu, padding, 4),
-        }
+        kernels = {}
+        for tile, name in ((2, "winograd"), (4, "winograd4")):
+            packed = _packed(slot, name, lambda tile=tile: C.pack_winograd_weight(source, tile, scale))
+            kernels[name] = (_winograd(C, packed, x, w, bias, relu, padding, tile), packed)
         if x.shape[0] * x.shape[2] * x.shape[3] < w.shape[0]:  # fewer pixels than channels: weight-bound
-            packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
-            kernels["gemm"] = _gemm(gemm, packed, bias, relu, stride, padding, dilation)
+            packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(source, scale))
+            kernels["gemm"] = (_gemm(gemm, packed, bias, relu, stride, padding, dilation), packed)
         return kernels
     if w.shape[1] < 8 and list(dilation) == [1, 1]:
-        return {"gemm_rows": _gemm_rows(C, slot, w, bias, relu, stride, padding)}
-    packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(w))
-    return {"gemm": _gemm(gemm, packed, bias, relu, stride, padding, dilation)}
+        rows = _packed(slot, "gemm_rows", lambda: _pack_rows(C, source, scale))
+        return {"gemm_rows": (_gemm_rows(C, rows, w, bias, relu, stride, padding), rows)}
+    packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(source, scale))
+    return {"gemm": (_gemm(gemm, packed, bias, relu, stride, padding, dilation), packed)}
 
 
-def _winograd(C, slot, x, w, bias, relu, padding, tile: int) -> Callable[..., Tensor]:
+def _winograd(C, packed, x, w, bias, relu, padding, tile: int) -> Callable[..., Tensor]:
     """Winograd F(tile x tile, 3x3) (C.conv_winograd_bias_act) on a weight transformed on first use."""
-    name = "winograd" if tile == 2 else f"winograd{tile}"
-    packed = _packed(slot, name, lambda: C.pack_winograd_weight(w, tile))
     size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding, tile)
     winograd = C.conv_winograd_bias_act
 
@@ -299,7 +321,7 @@ def _buffer(buffers, shape: list[int], x: Tensor) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, memory_format=_CL)
 
 
-def _gemm_rows(C, slot, w, bias, relu, stride, padding, amx: bool = False) -> Callable[..., Tensor]:
+def _gemm_rows(C, packed, w, bias, relu, stride, padding, amx: bool = False) -> Callable[..., Tensor]:
     """The implicit GEMM for a layer with few input channels (the stem: 3), reading each kernel row's KW
     taps as one pixel of KW x Cin channels: in a zero-padded channels_last copy of x, those taps lie next
     to each other, so a strided view of it is a KH x 1 convolution with KW x Cin input channels (7 taps of
@@ -307,14 +329,7 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding, amx: bool = False) -> Ca
     bfloat16 (channel pairs) the copy gets one zero channel more where KW x Cin is odd (the stem: 7 x 4).
     With `amx`, the view runs on AMX tiles (C.conv_amx_bias_act: a kernel row's 28 channels one step)."""
     cout, cin, kh, kw = w.shape
-    cin_p = cin + (w.dtype == torch.bfloat16 and kw * cin % 2 == 1)  # channels of the padded copy
-
-    def pack() -> Tensor:
-        # [Cout, Cin, KH, KW] -> [Cout, KW * Cin_p, KH, 1]: channel kx * Cin_p + c of the view's pixel.
-        wp = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, cin_p - cin))
-        return C.pack_conv_gemm_weight(wp.permute(0, 3, 1, 2).reshape(cout, kw * cin_p, kh, 1))
-
-    packed = _packed(slot, "gemm_rows", pack)
+    cin_p = _rows_channels(w)
     gemm, on_amx = C.conv_gemm_bias_act, C.conv_amx_bias_act
     ph, pw = padding
 
@@ -332,6 +347,21 @@ def _gemm_rows(C, slot, w, bias, relu, stride, padding, amx: bool = False) -> Ca
     return run_gemm_rows
 
 
+def _rows_channels(w) -> int:
+    """The channels of _gemm_rows's padded input copy: one more where bfloat16 pairs them (KW x Cin odd)."""
+    cin, kw = w.shape[1], w.shape[3]
+    return cin + (w.dtype == torch.bfloat16 and kw * cin % 2 == 1)
+
+
+def _pack_rows(C, w: Tensor, scale: Tensor | None) -> Tensor | None:
+    """w [Cout, Cin, KH, KW] (times scale[o]) as _gemm_rows's [Cout, KW * Cin_p, KH, 1] weight (channel
+    kx * Cin_p + c of the view's pixel), packed."""
+    cout, cin, kh, kw = w.shape
+    cin_p = _rows_channels(w)
+    wp = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, cin_p - cin))
+    return C.pack_conv_gemm_weight(wp.permute(0, 3, 1, 2).reshape(cout, kw * cin_p, kh, 1), scale)
+
+
 def _held(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     """A function returning make()'s tensor, made on the first call and held from then on."""
     held: list[Tensor] = []
@@ -344,15 +374,14 @@ def _held(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     return get
 
 
-def _packed(slot: dict, name: str, pack: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    """Our kernel's packed weight, packed on first use and kept in the weight's slot under (name,), so
-    plans for other input shapes share it (packing is shape-independent)."""
+def _packed(slot: dict, name: str, pack: Callable[[], Tensor | None]) -> Callable[[], Tensor | None]:
+    """Our kernel's packed weight (None: not finite), packed on first use and kept in the weight's slot
+    under (name,), so plans for other input shapes share it (packing is shape-independent)."""
 
-    def make() -> Tensor:
-        packed = slot.get((name,))
-        if packed is None:
-            packed = slot[(name,)] = pack()
-        return packed
+    def make() -> Tensor | None:
+        if (name,) not in slot:
+            slot[(name,)] = pack()
+        return slot[(name,)]
 
     return _held(make)
 
@@ -442,7 +471,7 @@ def _conv_out_shape(x, w, stride, padding, dilation) -> list:
 
 def _check_conv(x, w, b, residual, stride, padding, dilation, groups) -> None:
     """Clear errors for every backend (torch's own would differ from _C's and Triton's)."""
-    if x.dim() != 4 or w.dim() != 4:
+    if x.dim() != 4 or len(w.shape) != 4:
         raise ValueError(f"conv_bias_act: expected 4-D x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"conv_bias_act: expected a floating-point input, got {x.dtype}")
@@ -488,7 +517,7 @@ def conv_bias_act(
 
 def conv_runner(
     x: Tensor,
-    w: Tensor,
+    w: Tensor | fold.Folded,
     b: Tensor | None,
     residual: Tensor | None,
     relu: bool,
@@ -503,11 +532,16 @@ def conv_runner(
     is valid only for x and residual of the same shape, dtype, device and layout as given here,
     with w and b unchanged (nn.fused's per-layer plans keep it under those conditions).
 
+    w may be a fold.Folded (its bias is b): the cpp backend's kernels pack from its conv weight and BN
+    scale, so its folded weight is made only where a path reads it (oneDNN); other backends take it.
+
     inplace=True allows the run to write its output into the residual and return it (the caller
     guarantees nothing else reads the residual afterwards); a path may still return a fresh tensor."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check_conv(x, w, b, residual, stride, padding, dilation, groups)
     make = _CONV_RUNNER[backend_for(x.device)]
+    if isinstance(w, fold.Folded) and make is not _cpp_runner:
+        w = w.weight
     if inplace and residual is not None:
         return make(x, w, b, residual, relu, stride, padding, dilation, groups, inplace=True)
     return make(x, w, b, residual, relu, stride, padding, dilation, groups)

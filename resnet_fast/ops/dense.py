@@ -68,14 +68,17 @@ def _plan(C, x: Tensor, w: Tensor, b: Tensor | None) -> Callable[[Tensor], Tenso
     packed = C.pack_conv_gemm_weight(padded)
     gemm = C.conv_gemm_bias_act
 
+    def torch_linear(x: Tensor) -> Tensor:
+        return F.linear(x, w, b)
+
+    if packed is None:  # a NaN or Inf weight: torch's (the packer checks for the conv kernels' sake)
+        return torch_linear
+
     def ours(x: Tensor) -> Tensor:
         # [N, K] contiguous is an [N, K, 1, 1] image with its channels adjacent: the kernel's input.
         x = x.contiguous().view(x.shape[0], in_features, 1, 1)
         out = gemm(x, packed, bias, None, False, [1, 1], [0, 0], [1, 1]).view(x.shape[0], panels)
         return out if panels == out_features else out[:, :out_features].contiguous()
-
-    def torch_linear(x: Tensor) -> Tensor:
-        return F.linear(x, w, b)
 
     key = "linear " + layer_choice.conv_key(
         (x.shape[0], in_features, 1, 1),

@@ -19,7 +19,7 @@ import statistics
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -249,11 +249,19 @@ def choose_cpu(
     if len(run) == 1:
         return next(iter(run))
     cache = cache or CPU_CACHE
-    known = cache.get(key)
-    if known is None or set(known.ms) != set(run):  # new, or measured among other candidates
+    path = known_cpu(key, run, cache)
+    if path is None:
         known = measure(run, cpu_timer, LIBRARY_PATH["cpu"], CPU_ROUNDS, CPU_DECISIVE, before)
         cache.put(key, known)
-    return known.path
+        path = known.path
+    return path
+
+
+def known_cpu(key: str, paths: Iterable[str], cache: ChoiceCache | None = None) -> str | None:
+    """The cached path for this CPU conv if it was measured among exactly these paths, else None
+    (choose_cpu would measure them)."""
+    known = (cache or CPU_CACHE).get(key)
+    return known.path if known is not None and set(known.ms) == set(paths) else None
 
 
 # Plans made by settle_in_model still timing their paths, and those of them that ran since

@@ -156,9 +156,9 @@ def test_gemm_over_kernel_rows_matches_float64_reference(isa, shape, residual):
     batch, cin, cout, h, w, k, stride, padding = shape
     x, weight, bias, res = _case(batch, cin, cout, h, w, k, stride, padding, 1, residual)
     geometry = ([stride] * 2, [padding] * 2, [1, 1])
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1)
     assert list(kernels) == ["gemm_rows"]
-    run = kernels["gemm_rows"]
+    run = kernels["gemm_rows"][0]
     expected = _reference(x, weight, bias, res, True, stride, padding, 1)
     _close(run(x.contiguous(), res, None, None), expected)  # from NCHW: the padded copy converts
     # Into kept buffers, twice: the padded input's border must stay zero when its buffer is reused.
@@ -227,6 +227,28 @@ def test_winograd_layer_puts_nan_and_inf_where_torch_does(request, _always_ours,
         expected = torch.relu(bn(conv(x)) + res)
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("_always_ours", ["winograd", "winograd4"], indirect=True)
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_nonfinite_weight_runs_onednn(monkeypatch, _always_ours, cached, k):
+    """Our packers report a NaN weight: with no cached choice, nothing is measured and oneDNN runs; with one
+    (ours, measured on finite weights of the same shape), the plan runs oneDNN on the folded weight. Either
+    way NaN goes where torch puts it (the GEMM would multiply it by a padding zero)."""
+    if cached:
+        monkeypatch.setattr(layer_choice, "known_cpu", lambda key, paths, cache=None: "ours")
+    conv = torch.nn.Conv2d(16, 32, k, padding=k // 2, bias=False).eval()
+    bn = torch.nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        conv.weight[3, 2, 0, 0] = float("nan")
+        x = torch.randn(2, 16, 6, 6)
+        out = resnet_fast.nn.conv_bn_act(x, conv, bn)
+        expected = torch.relu(bn(conv(x)))
+    assert _always_ours == ([_always_ours[0]] if cached else [])  # measured (chosen) only when cached
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
     finite = expected.isfinite()
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
@@ -301,6 +323,45 @@ def test_winograd_weight_is_g_w_gt_from_float64(tile):
     else:
         step = torch.finfo(torch.float32).eps * u.abs()  # at least one float32 step of the value
         assert ((packed.double() - u).abs() <= step).all()
+
+
+@pytest.mark.parametrize(
+    "kind", ["gemm float32", "gemm bfloat16", "gemm 3x3 bfloat16", "winograd 2", "winograd 4"]
+)
+def test_packing_from_conv_weight_and_bn_scale_is_packing_the_folded_weight(kind):
+    """A BN fold is packed from the conv weight and the BN scale without writing the folded weight: the same
+    bits as packing the weight fold.folded makes (float32 product, one rounding to the run dtype); None where
+    a packed value is not finite (a NaN weight, or a product or transform past float32's range)."""
+    if "bfloat16" in kind and not _C.conv_gemm_bf16_supported():
+        pytest.skip("bfloat16 packing is for CPUs with AVX512_BF16; this one has none")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if "bfloat16" in kind else torch.float32
+    k = 1 if kind.startswith("gemm") and "3x3" not in kind else 3
+    weight = torch.randn(48, 24, k, k).to(dtype)
+    scale = torch.rand(48) * 3 + 0.01
+    if kind.startswith("winograd"):
+        tile = int(kind.split()[1])
+
+        def pack(w, s=None):
+            return _C.pack_winograd_weight(w, tile, s)
+
+    else:
+
+        def pack(w, s=None):
+            return _C.pack_conv_gemm_weight(w, s)
+
+    assert torch.equal(pack(weight, scale), pack(fold._scaled(weight, scale, dtype)))
+    assert torch.equal(pack(weight), pack(weight, torch.ones(48)))
+    nan = weight.clone()
+    nan[5, 3, 0, 0] = float("nan")
+    assert pack(nan) is None and pack(nan, scale) is None
+    big = weight.clone()
+    big[7, 1] = 2e38  # every tap
+    assert pack(big, torch.full((48,), 2.0)) is None  # 4e38: Inf
+    # F(2x2)'s G rows sum to 1.5 in magnitude (F(4x4)'s to at most 1): its transform alone passes the range.
+    assert (pack(big) is None) == (kind == "winograd 2")
+    with pytest.raises(RuntimeError, match="scale must be"):
+        pack(weight, torch.ones(47))
 
 
 @pytest.mark.parametrize("tile", [2, 4])
@@ -392,6 +453,8 @@ def test_model_runs_every_layer_on_our_kernels(request, _always_ours):
     assert _always_ours.count("gemm") == len(convs) - len(winograd) - 1 + 1
     _assert_matches(out, expected)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+    # Packed from each conv weight and BN scale: no folded weight was made (oneDNN would read one).
+    assert all(fold.last(c)._weight is None for c in convs)
 
 
 needs_bf16 = pytest.mark.skipif(
@@ -431,7 +494,7 @@ def test_bf16_gemm_over_kernel_rows_matches_float64_reference(shape):
     batch, cin, cout, h, w, k, stride, padding = shape
     x, weight, bias, res = (t.bfloat16() for t in _case(batch, cin, cout, h, w, k, stride, padding, 1, True))
     geometry = ([stride] * 2, [padding] * 2, [1, 1])
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1)
     # On AMX tiles too where a kernel row's channels (given a zero one where odd) fit one tile's 32.
     amx = _C.conv_amx_supported() and cout % 32 == 0 and k * (cin + k * cin % 2) <= 32
     assert list(kernels) == ["gemm_rows"] + ["amx_rows"] * amx
@@ -441,7 +504,7 @@ def test_bf16_gemm_over_kernel_rows_matches_float64_reference(shape):
     buffers = Buffers()
     buffers.start(x)
     for path in list(kernels) * 2:
-        out = kernels[path](x, res, None, buffers)
+        out = kernels[path][0](x, res, None, buffers)
         assert out.dtype == torch.bfloat16
         error = (out.double() - expected).abs().max().item()
         assert error <= 2**-8 * scale
@@ -512,12 +575,12 @@ def test_amx_matches_float64_reference(shape):
     theirs = torch.relu(F.conv2d(x, weight, bias.bfloat16(), stride, padding) + res)
     scale = expected.abs().max().item()
     geometry = ([stride] * 2, [padding] * 2)
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, bias, True, *geometry, [1, 1], 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, [1, 1], 1)
     assert list(kernels) == ["gemm", "amx"]
     buffers = Buffers()
     buffers.start(x)
     outs = [_C.conv_amx_bias_act(x, _C.pack_conv_gemm_weight(weight), bias, res, True, *geometry)]
-    outs += [kernels["amx"](x, res, None, buffers) for _ in range(2)]
+    outs += [kernels["amx"][0](x, res, None, buffers) for _ in range(2)]
     for out in outs:
         assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
         error = (out.double() - expected).abs().max().item()
