@@ -13,7 +13,7 @@ Every measurement is the median over interleaved rounds (resnet_fast.tools.timin
 after 0.2 s idle and each timed call right after an untimed one of the same contender (onnxruntime's
 spinning threads would otherwise slow whatever runs next); ratios are the baseline's median over resnet_fast's. First-call ("warm-up")
 times are measured on fresh models, after a garbage collection: ours folds and prepacks every layer on its first call (once with
-an empty layer-choice cache, every distinct conv shape timed then; once with the choices cached),
+an empty layer-choice cache, every distinct conv shape timed then; once with the choices cached; at batch N and at batch 1),
 compile+freezing compiles on its own.
 Writes benchmarks/results/<machine-tag>-cpu_infer.json.
 """
@@ -162,21 +162,29 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
             layer_choice.CPU_CACHE = layer_choice.ChoiceCache(choices, device_type="cpu")
             model = _models(torch.float32)[0]
             empty_cache = _first_call(lambda: model(x))
+            # Every model stays alive: a first call in a new process finds no freed packs to reuse.
+            x1 = x[:1].contiguous(memory_format=CL)
+            model1 = _models(torch.float32)[0]
+            empty_cache1 = _first_call(lambda: model1(x1))  # batch 1: other shapes, timed then
             layer_choice.CPU_CACHE = layer_choice.ChoiceCache(choices, device_type="cpu")
             ours, theirs = _models(torch.float32)
             cached = _first_call(lambda: ours(x))
+            ours1 = _models(torch.float32)[0]
+            cached1 = _first_call(lambda: ours1(x1))
         finally:
             layer_choice.CPU_CACHE = saved
         compiled = _compiled(theirs)
         warm = {
             "resnet_fast": cached,
             "resnet_fast_empty_cache": empty_cache,
+            "resnet_fast batch 1": cached1,
+            "resnet_fast_empty_cache batch 1": empty_cache1,
             "compile+freezing": _first_call(lambda: compiled(x)),
         }
         print(
             f"first call (s): resnet_fast {warm['resnet_fast']:.2f} (fold + prepack, layer choices from the cache), "
-            f"{empty_cache:.2f} with an empty cache (every layer choice timed); "
-            f"compile+freezing {warm['compile+freezing']:.1f} (compilation)"
+            f"{empty_cache:.2f} with an empty cache (every layer choice timed); at batch 1 {cached1:.2f} and "
+            f"{empty_cache1:.2f}; compile+freezing {warm['compile+freezing']:.1f} (compilation)"
         )
         result["first_call_s"] = warm
         diff = (ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()
@@ -195,7 +203,6 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
         )
         if args.skip_batch1:
             return
-        x1 = x[:1].contiguous(memory_format=CL)
         compiled1 = _compiled(theirs)
         compiled1(x1)
         result["runs"]["fp32_batch1"] = _run(
