@@ -51,10 +51,15 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
-def _storage_shared(t: Tensor) -> bool:
-    """Whether another tensor (a view, a tensor built on t's memory) holds t's storage."""
-    # Counted: t's own reference and the Python storage object made here for the question.
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2
+def _in_use(views: dict[tuple, Tensor]) -> bool:
+    """Whether anything outside `views` (every tensor made so far on one block of memory) holds it: one of
+    them, or another tensor on the memory (a slice, a tensor built on it)."""
+    # Counted per view: the dict's reference, the loop variable and getrefcount's argument; per storage:
+    # each view's and the Python storage object made here for the question.
+    for t in views.values():
+        if sys.getrefcount(t) > 3:
+            return True
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) > len(views) + 1
 
 
 class Buffers:
@@ -63,7 +68,8 @@ class Buffers:
     another input shape, dtype or device, so a changed input never keeps the old plan's memory."""
 
     def __init__(self) -> None:
-        self._pool: dict[tuple, list[Tensor]] = {}
+        # By (size, dtype, device): per block of memory, its channels_last views by shape.
+        self._pool: dict[tuple, list[dict[tuple, Tensor]]] = {}
         self._scratch: Tensor | None = None
         self._input: tuple = ()
         # The backend this forward's fused layers run on, resolved once when it starts (None: let each
@@ -102,15 +108,24 @@ class Buffers:
             raise ValueError(f"Buffers.output: expected a 4-D shape, got {list(shape)}")
         n, c, h, w = shape
         pool = self._pool.setdefault((n * c * h * w, like.dtype, like.device), [])
-        for t in pool:
-            # Free when the pool's list holds the only reference to t (getrefcount also sees the
-            # loop variable and its own argument) and nothing else holds t's memory (a view given out).
-            if sys.getrefcount(t) <= 3 and not _storage_shared(t):
+        key = tuple(shape)
+        for views in pool:
+            if not _in_use(views):
                 break
         else:
-            t = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
-            pool.append(t)
-        return t.as_strided(shape, (h * w * c, 1, w * c, c))
+            views = {}
+            pool.append(views)
+            t = views[key] = torch.empty(
+                shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+            )
+            return t
+        t = views.get(key)
+        if t is None:  # kept: making one per call cost ~3 us
+            # On the block's storage, not a view of another tensor (a view would hold its base, which
+            # would then never look free).
+            memory = next(iter(views.values())).untyped_storage()
+            t = views[key] = like.new_empty(0).set_(memory, 0, shape, (h * w * c, 1, w * c, c))
+        return t
 
     def scratch(self, numel: int, like: Tensor) -> Tensor:
         """A 1-D tensor of at least numel elements for a kernel's temporaries (valid until the next call)."""
@@ -120,7 +135,7 @@ class Buffers:
 
     def nbytes(self) -> int:
         """Memory held, in bytes."""
-        held = sum(t.nbytes for pool in self._pool.values() for t in pool)
+        held = sum(next(iter(views.values())).nbytes for pool in self._pool.values() for views in pool)
         return held + (self._scratch.nbytes if self._scratch is not None else 0)
 
 

@@ -69,5 +69,7 @@ def test_model_pools_into_a_kept_buffer(monkeypatch):
         first, again = model(x), model(x)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert len(outs) == 2 and outs[0] is not None and outs[0] == outs[1]
-    held = [t for pool in fused._IDLE_BUFFERS[model][0]._pool.values() for t in pool]
+    held = [
+        t for pool in fused._IDLE_BUFFERS[model][0]._pool.values() for views in pool for t in views.values()
+    ]
     assert any(t.data_ptr() == outs[0] for t in held)
