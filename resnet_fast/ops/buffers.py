@@ -63,7 +63,7 @@ def _in_use(views: dict[tuple, Tensor]) -> bool:
 
 
 class Buffers:
-    """Output buffers (channels_last, by shape and dtype) and one scratch tensor, for one forward at a
+    """Output buffers (channels_last, pooled by size and dtype) and one scratch tensor, for one forward at a
     time (a model keeps one per concurrent forward). Everything is dropped when a forward starts with
     another input shape, dtype or device, so a changed input never keeps the old plan's memory."""
 
