@@ -303,6 +303,21 @@ bool all_finite(const at::Tensor& t) {
   return cpu::all_finite(t);
 }
 
+// What a fold depends on, per tensor: its data pointer, version counter, dtype, device and shape, in one
+// flat list (fold.states's fields), for nn.replay's check of every fold source before a replay: ResNet-50's
+// 265 tensors took 0.42 ms of Python attribute reads per batch-1 forward. A tensor without a version
+// counter (an inference tensor) raises, as its _version does in Python.
+std::vector<int64_t> tensor_states(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> out;
+  out.reserve(tensors.size() * 10);
+  for (const at::Tensor& t : tensors) {
+    out.insert(out.end(), {reinterpret_cast<int64_t>(t.data_ptr()), int64_t(t._version()), int64_t(t.scalar_type()),
+                           int64_t(t.device().type()), int64_t(t.device().index()), t.dim()});
+    out.insert(out.end(), t.sizes().begin(), t.sizes().end());
+  }
+  return out;
+}
+
 }  // namespace resnet_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -358,6 +373,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ka"), py::arg("kb"), py::arg("kc"), py::arg("relu"), py::arg("residual_grad"));
   m.def("evict_from_cache", &resnet_fast::cpu::evict_from_cache,
         "flush a CPU tensor's memory from every cache level (x86-64 clflush; elsewhere nothing)", py::arg("t"));
+  m.def("tensor_states", &resnet_fast::tensor_states,
+        "per tensor: data pointer, version counter, dtype, device type and index, dim and sizes, in one list",
+        py::arg("tensors"));
   m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
         py::arg("t"));
   m.def("conv_gemm_supported", &resnet_fast::cpu::conv_gemm_supported,

@@ -83,6 +83,12 @@ def _changes():
         for m in (ours, theirs):
             m.layer3[1].bn2.running_mean.data = mean.clone()
 
+    def data_replaced_by_an_inference_tensor(ours, theirs):  # no version counter to compare
+        with torch.inference_mode():
+            var = torch.rand_like(ours.layer2[2].bn1.running_var) + 0.5
+        for m in (ours, theirs):
+            m.layer2[2].bn1.running_var.data = var
+
     def data_written_and_invalidated(ours, theirs):
         for m in (ours, theirs):
             m.conv1.weight.data.mul_(0.5)  # bypasses the version counter: fold.invalidate() is the rule
@@ -96,6 +102,7 @@ def _changes():
         block_replaced,
         eps_changed,
         data_replaced,
+        data_replaced_by_an_inference_tensor,
         data_written_and_invalidated,
     ]
 
