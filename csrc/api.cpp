@@ -376,6 +376,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tensor_states", &resnet_fast::tensor_states,
         "per tensor: data pointer, version counter, dtype, device type and index, dim and sizes, in one list",
         py::arg("tensors"));
+  m.def("empty_huge", &resnet_fast::cpu::empty_huge,
+        "an uninitialized contiguous CPU tensor, on 2 MiB pages where it spans one (RESNET_FAST_HUGE_PAGES=0: never)",
+        py::arg("sizes"), py::arg("dtype"));
   m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
         py::arg("t"));
   m.def("conv_gemm_supported", &resnet_fast::cpu::conv_gemm_supported,

@@ -829,11 +829,11 @@ std::optional<at::Tensor> pack_conv_gemm_weight(const at::Tensor& w, const std::
   // w * scale[o] is computed in float32 and rounded once to w's dtype, as the fold computes it.
   at::Tensor packed, view, source;
   if (bf16) {
-    packed = at::empty({cout / NR, kh, kw, cin / 2, NR, 2}, w.options());
+    packed = empty_huge({cout / NR, kh, kw, cin / 2, NR, 2}, w.scalar_type());
     view = packed.permute({0, 4, 3, 5, 1, 2});  // [Cout/16, 16, Cin/2, 2, KH, KW]
     source = w.reshape({cout / NR, NR, cin / 2, 2, kh, kw});
   } else {
-    packed = at::empty({cout / NR, kh, kw, cin, NR}, w.options());
+    packed = empty_huge({cout / NR, kh, kw, cin, NR}, w.scalar_type());
     view = packed.permute({0, 4, 3, 1, 2});  // [Cout/16, 16, Cin, KH, KW]
     source = w.reshape({cout / NR, NR, cin, kh, kw});
   }
@@ -1208,8 +1208,7 @@ std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile
   const float* sp = check_scale("pack_winograd_weight", scale, cout);
   const at::Tensor wc = w.contiguous();
   // [P positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
-  at::Tensor packed = at::empty({winograd_positions(tile), cout / NR, cin, NR},
-                                w.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor packed = empty_huge({winograd_positions(tile), cout / NR, cin, NR}, at::kFloat);
   const bool finite = tile == 2 ? pack_winograd<2>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin)
                                 : pack_winograd<4>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin);
   if (!finite) return std::nullopt;

@@ -18,6 +18,9 @@ at::Tensor max_pool_cl(const at::Tensor& x, at::IntArrayRef kernel, at::IntArray
 
 // out [N, Cp, H + 2 ph, W + 2 pw] (channels_last, Cp >= C) = x zero-padded in space and in channels, one pass.
 void pad_cl(const at::Tensor& x, at::IntArrayRef padding, const at::Tensor& out);
+// An uninitialized contiguous CPU tensor, on 2 MiB pages (madvise(MADV_HUGEPAGE)) where it spans at least
+// one and the OS allows it (RESNET_FAST_HUGE_PAGES=0: never), else from torch's allocator.
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype);
 // No Inf or NaN in t (one vectorized, parallel read pass over its memory).
 bool all_finite(const at::Tensor& t);
 // t's memory flushed from every cache level (x86-64; elsewhere nothing): a layer's weights as a forward
