@@ -414,7 +414,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("tile") = 2, py::arg("scale") = py::none());
   m.def("conv_winograd_bias_act", &resnet_fast::cpu::conv_winograd_bias_act,
         "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight (either tile), "
-        "channels_last float32; written into out when given (out may be the residual itself), its scratch in workspace when given",
+        "channels_last float32; written into out when given (out may be the residual itself), its scratch in workspace when given; "
+        "None, with nothing written, where an input it reads is Inf or NaN (or its transform overflows)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("padding"),
         py::arg("out") = py::none(), py::arg("workspace") = py::none());
   m.def("winograd_workspace_size", &resnet_fast::cpu::winograd_workspace_size,

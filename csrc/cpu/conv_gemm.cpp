@@ -981,13 +981,17 @@ struct Winograd<4> {
 
 #if RF_HAVE_CONV_GEMM
 // V[pos][tile][c] for tiles [t0, t1): B^T d B per channel of each N x N patch (zeros outside the
-// image), 8 channels per step (cin is a multiple of 8).
+// image), 8 channels per step (cin is a multiple of 8). Whether every value of V is finite: one Inf or
+// NaN in a patch (or a transform past float32's range) would reach all of the tile's outputs, where torch
+// keeps most of them finite. Each input the layer reads has a nonzero weight in some value of V (B is
+// invertible), so a finite V means finite inputs; v - v is +0 for a finite v and NaN otherwise.
 template <int M>
-__attribute__((target("avx2,fma"))) void winograd_input(const float* x, float* v, const Geometry& g, int64_t tiles_h,
+__attribute__((target("avx2,fma"))) bool winograd_input(const float* x, float* v, const Geometry& g, int64_t tiles_h,
                                                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t tiles) {
   constexpr int N = Winograd<M>::N;
   const int64_t cin = g.cin, pos_stride = tiles * cin;
   const std::vector<float> zeros(cin, 0.f);
+  __m256 seen = _mm256_setzero_ps();  // the OR of every v - v: NaN lanes iff a value was not finite
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
     const float* d[N][N];  // the patch's pixels (a zero row outside the image)
@@ -1010,10 +1014,14 @@ __attribute__((target("avx2,fma"))) void winograd_input(const float* x, float* v
       for (int64_t r = 0; r < N; ++r) {  // (B^T d) B
         __m256 out[N];
         Winograd<M>::input(s[r], out);
-        for (int64_t q = 0; q < N; ++q) _mm256_storeu_ps(o + (r * N + q) * pos_stride + c, out[q]);
+        for (int64_t q = 0; q < N; ++q) {
+          _mm256_storeu_ps(o + (r * N + q) * pos_stride + c, out[q]);
+          seen = _mm256_or_ps(seen, _mm256_sub_ps(out[q], out[q]));
+        }
       }
     }
   }
+  return _mm256_movemask_ps(_mm256_cmp_ps(seen, seen, _CMP_UNORD_Q)) == 0;
 }
 
 // act(A^T m A + b (+ residual)) for tiles [t0, t1), written where the M x M tile lies inside the
@@ -1062,8 +1070,9 @@ __attribute__((target("avx2,fma"))) void winograd_output(const float* m, float* 
   }
 }
 
+// Whether it ran: false (and nothing written to op) where the transformed input is not finite.
 template <int M>
-void winograd_run(const float* xp, const float* up, const float* bp, const float* rp, float* op, float* vp, bool relu,
+bool winograd_run(const float* xp, const float* up, const float* bp, const float* rp, float* op, float* vp, bool relu,
                   const Geometry& g) {
   constexpr int64_t P = Winograd<M>::N * Winograd<M>::N;
   const int64_t tiles_h = (g.oh + M - 1) / M, tiles_w = (g.ow + M - 1) / M, tiles = g.n * tiles_h * tiles_w;
@@ -1072,7 +1081,11 @@ void winograd_run(const float* xp, const float* up, const float* bp, const float
   // The transforms split their tiles over the threads however few (grain 1): at batch 1 a 7x7 or 14x14
   // layer has 4-49 tiles, and with a grain of 16 one thread transformed 16 of them alone (in-process
   // A/B on the Xeon, batch-1 7x7 and 14x14 layers: 1.08-1.15x faster).
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { winograd_input<M>(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles); });
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    if (!winograd_input<M>(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles)) finite.store(false, std::memory_order_relaxed);
+  });
+  if (!finite.load()) return false;
   const bool wide = use_avx512();
   const int64_t np_tile = wide ? NP512 : 1;
   const int64_t mt = even_rows(tiles), row_tiles = (tiles + mt - 1) / mt;
@@ -1105,6 +1118,7 @@ void winograd_run(const float* xp, const float* up, const float* bp, const float
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     winograd_output<M>(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles);
   });
+  return true;
 }
 #endif
 
@@ -1215,9 +1229,11 @@ std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile
   return packed;
 }
 
-at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
-                                  const std::optional<at::Tensor>& out_, const std::optional<at::Tensor>& workspace) {
+std::optional<at::Tensor> conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
+                                                 const std::optional<at::Tensor>& b,
+                                                 const std::optional<at::Tensor>& residual, bool relu,
+                                                 at::IntArrayRef padding, const std::optional<at::Tensor>& out_,
+                                                 const std::optional<at::Tensor>& workspace) {
   const char* name = "conv_winograd_bias_act";
   TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": expected a float32 input, got ", x.scalar_type());
   // The tile size is the packed weight's: 16 positions for F(2x2, 3x3), 36 for F(4x4, 3x3).
@@ -1246,8 +1262,10 @@ at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
   const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   auto run = tile == 4 ? winograd_run<4> : winograd_run<2>;
-  run(x.const_data_ptr<float>(), packed.const_data_ptr<float>(), bp, rp, out.mutable_data_ptr<float>(),
-      space.mutable_data_ptr<float>(), relu, g);
+  if (!run(x.const_data_ptr<float>(), packed.const_data_ptr<float>(), bp, rp, out.mutable_data_ptr<float>(),
+           space.mutable_data_ptr<float>(), relu, g)) {
+    return std::nullopt;
+  }
 #endif
   return out;
 }

@@ -83,9 +83,13 @@ at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, cons
 // rules). w [Cout, Cin, 3, 3] float32 -> U = G w G^T as [P, Cout/16, Cin, 16] panels, P = (tile + 2)^2;
 // scale and nullopt as pack_conv_gemm_weight's (a transform mixes 9 taps: one Inf or NaN reaches a whole tile).
 std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile, const std::optional<at::Tensor>& scale);
-at::Tensor conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& b,
-                                  const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef padding,
-                                  const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& workspace);
+// The convolution returns nullopt, before writing anything, where an input it reads is not finite (or its
+// transform overflows): the caller runs another path.
+std::optional<at::Tensor> conv_winograd_bias_act(const at::Tensor& x, const at::Tensor& packed,
+                                                 const std::optional<at::Tensor>& b,
+                                                 const std::optional<at::Tensor>& residual, bool relu,
+                                                 at::IntArrayRef padding, const std::optional<at::Tensor>& out,
+                                                 const std::optional<at::Tensor>& workspace);
 // Float32 elements of the scratch conv_winograd_bias_act needs (its transformed input and products).
 int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntArrayRef padding, int64_t tile);
 

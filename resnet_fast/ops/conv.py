@@ -109,12 +109,17 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     if not kernels:
         return library
     shape = _conv_out_shape(x, w, stride, padding, dilation)
-    # Ours are timed as they run in a model's forward: into a warm output buffer, with warm scratch.
+    # Ours are timed as they run in a model's forward: into a warm output buffer, with warm scratch, on
+    # finite values (Winograd returns at once on an Inf or NaN input, which a first call may have).
     out = torch.empty(shape, dtype=x.dtype, memory_format=_CL)
     space = Buffers()
-    candidates = {"onednn": lambda: onednn(x, residual)}
+    sample, sample_residual = (
+        t if t is None or C.all_finite(t) else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+        for t in (x, residual)
+    )
+    candidates = {"onednn": lambda: onednn(sample, sample_residual)}
     for name, (kernel, _) in kernels.items():
-        candidates[name] = lambda kernel=kernel: kernel(x, residual, out, space)
+        candidates[name] = lambda kernel=kernel: kernel(sample, sample_residual, out, space)
 
     choice_key = layer_choice.conv_key(
         tuple(x.shape),
@@ -145,14 +150,14 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     path = layer_choice.choose_cpu(choice_key, candidates, before=before)
     # A close call (another path within CPU_DECISIVE of it alone) is settled in the model's forwards.
     paths = [path, *layer_choice.rivals_cpu(choice_key, path)]
-    all_finite = C.all_finite
 
     def plan(name: str) -> Runner:
         if name == "onednn":
             return library
         kernel, packed = kernels[name]
-        # Winograd's transforms mix a 4x4 or 6x6 patch: one Inf or NaN would reach outputs that torch
-        # keeps finite.
+        # Winograd's transforms mix a 4x4 or 6x6 patch: the kernel returns None, having written nothing (not
+        # even an in-place residual), for an input with Inf or NaN, which it would spread where torch keeps
+        # outputs finite. Only its plans keep oneDNN's prepacked weight for that.
         fallback = onednn if name.startswith("winograd") else None
 
         def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
@@ -160,14 +165,14 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
             # folded weight, not its prepacked form (freed once ours was chosen).
             if packed() is None:
                 return run(x, dense(), b, residual, relu, stride, padding, dilation, groups)
-            if fallback is not None and not all_finite(x):
-                return fallback(x, residual)
             # The kernels read channels_last (each converts its x); a plan is keyed by shape, not layout.
             if residual is not None:
                 residual = residual.contiguous(memory_format=_CL)
             if inplace and residual is not None:
-                return kernel(x, residual, residual, buffers)
-            return kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
+                out = kernel(x, residual, residual, buffers)
+            else:
+                out = kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
+            return fallback(x, residual) if out is None else out
 
         ours.__name__ = name
         return ours

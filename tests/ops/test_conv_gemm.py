@@ -210,12 +210,33 @@ def test_gemm_puts_nan_and_inf_where_torch_does(isa, value, where):
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "overflow"])
+def test_winograd_refuses_what_its_transform_would_spread(tile, value):
+    """The kernel returns None, having written nothing (here into the residual itself), where an input it
+    reads is Inf or NaN, or large enough for its input transform to overflow (two adjacent 3e38: their
+    sum is past float32's range, torch's convolution stays finite); a large finite input runs."""
+    x, weight, bias, res = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True)
+    before = res.clone()
+    if value == "overflow":
+        x[1, 5, 2, 2:4] = 3e38
+        assert F.conv2d(x, weight, bias, 1, 1).isfinite().all()
+    else:
+        x[1, 5, 4, 4] = value  # a corner: in one tile only
+    assert _winograd(x, weight, bias, res, True, 1, out=res, tile=tile) is None
+    assert torch.equal(res, before)
+    x[1, 5] = 1e30
+    out = _winograd(x, weight, bias, res, True, 1, out=res, tile=tile)
+    assert out is not None and out.data_ptr() == res.data_ptr() and out.isfinite().all()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["input", "residual"])
 @pytest.mark.parametrize("_always_ours", ["winograd", "winograd4"], indirect=True)
 def test_winograd_layer_puts_nan_and_inf_where_torch_does(request, _always_ours, value, where):
-    """Winograd's transforms would spread one non-finite input over its 4x4 or 6x6 patch: the layer's
-    plan scans its input and runs oneDNN's path for that call instead; a residual is added after them."""
+    """Winograd's transforms would spread one non-finite input over its 4x4 or 6x6 patch: the kernel
+    refuses it and the layer's plan runs oneDNN's path for that call instead; a residual is added after
+    them."""
     conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).eval()
     bn = torch.nn.BatchNorm2d(32).eval()
     x, _, _, res = _case(2, 32, 32, 5, 5, 3, 1, 1, 1, True)
