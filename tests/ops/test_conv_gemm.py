@@ -714,6 +714,30 @@ def test_a_3x3_layer_with_fewer_pixels_than_channels_may_take_the_gemm(monkeypat
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_first_input_with_nan_is_timed_on_finite_values(monkeypatch):
+    """Winograd returns at once on a NaN input: a layer's first call with one times every candidate on a
+    finite copy (else Winograd would look fastest), and that call still puts NaN where torch does."""
+    sampled = {}
+
+    def choose(key, run, cache=None, before=None):
+        for name, fn in run.items():
+            sampled[name] = fn()
+        return "onednn"
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", choose)
+    resnet_fast.set_backend("cpp")
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).eval()
+    bn = torch.nn.BatchNorm2d(32).eval()
+    x = torch.randn(2, 32, 9, 9).contiguous(memory_format=CL)
+    x[1, 5, 4, 4] = float("nan")
+    with torch.no_grad():
+        out = resnet_fast.nn.conv_bn_act(x, conv, bn)
+        expected = torch.relu(bn(conv(x)))
+    assert set(sampled) == {"onednn", "winograd", "winograd4"}
+    assert all(s is not None and s.isfinite().all() for s in sampled.values())
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+
+
 @pytest.mark.parametrize("kernel", [1, 3])  # a 1x1 layer: the GEMM; a 3x3 stride-1 layer: Winograd
 def test_only_a_winograd_plan_keeps_onednns_pack(monkeypatch, kernel):
     """After both paths ran in the measurement and ours won, oneDNN's prepacked weight is freed, except
