@@ -164,9 +164,8 @@ def _huge_page_eligible(t: torch.Tensor) -> bool:
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_huge_puts_large_tensors_on_huge_pages(dtype, monkeypatch):
-    """Packed weights and activation buffers of 2 MiB or more are marked for 2 MiB pages (a first forward
-    faults them in 512x fewer times); smaller ones, and all with RESNET_FAST_HUGE_PAGES=0, come from
-    torch's allocator."""
+    """Packed weights of 2 MiB or more are marked for 2 MiB pages (a forward streaming them needs 512x
+    fewer TLB entries); smaller ones, and all with RESNET_FAST_HUGE_PAGES=0, come from torch's allocator."""
     if _thp_mode() in (None, "never"):
         pytest.skip(f"needs Linux transparent huge pages (mode here: {_thp_mode()})")
     monkeypatch.delenv("RESNET_FAST_HUGE_PAGES", raising=False)

@@ -1,11 +1,13 @@
-// Long-lived CPU tensors (packed weights, activation buffers) on transparent huge pages.
+// Packed weights on transparent huge pages.
 //
 // A batch-1 ResNet-50 forward streams ~100 MB of packed weights: ~25,000 4 KiB pages, each a TLB miss
 // and page walk, 50 2 MiB ones. Where the kernel's THP mode is "madvise" (the usual default) only memory
 // marked MADV_HUGEPAGE gets 2 MiB pages, and torch's allocator marks none unless THP_MEM_ALLOC_ENABLE is
-// set before it starts. Xeon (AMX, 2 cores), in-process A/B of two copies of one model: batch-1 forwards
-// 1.013-1.035x faster in four runs, batch 8 unchanged (0.99x); a first call faults 512x fewer times but
-// took as long (there, first touch costs the same on either page size).
+// set before it starts. Xeon (AMX, 2 cores), in-process A/B of two copies of one model with packs and
+// activation buffers on huge pages: batch-1 forwards 1.013-1.035x faster in four runs, batch 8 0.99x;
+// but first calls 1.15x (batch 8) and 1.25x (batch 1) slower (in one process, models made in turn), so
+// activation buffers stay on torch's allocator; with packs alone, first calls at batch 8 took as long
+// (0.609 vs 0.618 s) and batch-1 forwards were 1.01x faster.
 
 #include "resnet_fast.h"
 
@@ -23,7 +25,7 @@ namespace {
 
 constexpr int64_t kHuge = int64_t{2} << 20;
 
-// Read on every call (allocations here are few: a model's packs, its buffers).
+// Read on every call (allocations here are few: a model's packs).
 bool huge_pages_wanted() {
   const char* v = std::getenv("RESNET_FAST_HUGE_PAGES");
   return v == nullptr || std::strcmp(v, "0") != 0;

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .. import _ext
-
 __all__ = ["Buffers", "current", "keep_freed_memory", "using"]
 
 
@@ -113,31 +111,26 @@ class Buffers:
         key = tuple(shape)
         for views in pool:
             if not _in_use(views):
-                t = views.get(key)
-                if t is not None:  # kept: making one per call cost ~3 us
-                    return t
-                memory = next(iter(views.values())).untyped_storage()
                 break
         else:
             views = {}
             pool.append(views)
-            memory = self._memory(n * c * h * w, like).untyped_storage()
-        # On the block's storage, not a view of another tensor (a view would hold its base, which would
-        # then never look free).
-        t = views[key] = like.new_empty(0).set_(memory, 0, shape, (h * w * c, 1, w * c, c))
+            t = views[key] = torch.empty(
+                shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+            )
+            return t
+        t = views.get(key)
+        if t is None:  # kept: making one per call cost ~3 us
+            # On the block's storage, not a view of another tensor (a view would hold its base, which
+            # would then never look free).
+            memory = next(iter(views.values())).untyped_storage()
+            t = views[key] = like.new_empty(0).set_(memory, 0, shape, (h * w * c, 1, w * c, c))
         return t
-
-    def _memory(self, numel: int, like: Tensor) -> Tensor:
-        """A flat tensor of numel elements in like's dtype and device: on the cpp backend, from the
-        extension's empty_huge (2 MiB pages where they span one)."""
-        if self.backend == "cpp" and like.device.type == "cpu":
-            return _ext.load().empty_huge([numel], like.dtype)
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
 
     def scratch(self, numel: int, like: Tensor) -> Tensor:
         """A 1-D tensor of at least numel elements for a kernel's temporaries (valid until the next call)."""
         if self._scratch is None or self._scratch.numel() < numel or self._scratch.dtype != like.dtype:
-            self._scratch = self._memory(numel, like)
+            self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return self._scratch
 
     def nbytes(self) -> int:

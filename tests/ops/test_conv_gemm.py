@@ -910,32 +910,6 @@ def test_buffers_are_shared_by_shapes_of_one_size():
         buffers.output([2, 64, 64], like)
 
 
-def test_buffers_on_the_cpp_backend_come_from_empty_huge(monkeypatch):
-    """On the cpp backend, buffers and scratch come from the extension's empty_huge (2 MiB pages where they
-    span one: tested in test_extension.py); on another backend from torch."""
-    made = []
-
-    def empty_huge(sizes, dtype):
-        made.append((list(sizes), dtype))
-        return torch.empty(sizes, dtype=dtype)
-
-    monkeypatch.setattr(_ext.load(), "empty_huge", empty_huge)
-    like = torch.empty(0, dtype=torch.bfloat16)
-    for backend, expected in (
-        ("cpp", [([2 * 64 * 8 * 8], torch.bfloat16), ([100], torch.bfloat16)]),
-        ("torch", []),
-    ):
-        made.clear()
-        buffers = resnet_fast.ops.Buffers()
-        buffers.start(torch.empty(2, 3, 32, 32, dtype=torch.bfloat16), backend)
-        out = buffers.output([2, 64, 8, 8], like)
-        assert (
-            out.shape == (2, 64, 8, 8) and out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
-        )
-        assert buffers.scratch(100, like).numel() == 100
-        assert made == expected
-
-
 def test_concurrent_forwards_use_their_own_buffers(_always_ours):
     import threading
 
