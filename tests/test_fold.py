@@ -132,7 +132,7 @@ def test_fresh_after_train_then_eval(backend):
     _check_eval(conv, bn, x)
 
 
-def test_fresh_after_in_place_edits_and_eps(backend):
+def test_fresh_after_in_place_edits_eps_and_geometry(backend):
     conv, bn = _pair()
     x = _x()
     _check_eval(
@@ -143,6 +143,11 @@ def test_fresh_after_in_place_edits_and_eps(backend):
         bn.bias.add_(1)
     _check_eval(conv, bn, x)
     bn.eps = 0.5
+    _check_eval(conv, bn, x)
+    conv.padding, conv.dilation = (
+        (2, 2),
+        (2, 2),
+    )  # the output's shape kept: a plan keyed by shape alone is stale
     _check_eval(conv, bn, x)
 
 

@@ -196,7 +196,9 @@ def _eval_fused(
     # F.conv2d costs in host time, instead of the custom op's dispatch and checks on every call.
     entry = fold.folded(conv, bn, x.dtype)
     inplace = residual is not None and buffers is not None
-    key = (x.shape, x.device, residual is not None, relu, backend, inplace)
+    # The geometry too: a changed padding or dilation can keep the output's shape.
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    key = (geometry, x.shape, x.device, residual is not None, relu, backend, inplace)
     run = entry.runners.get(key)
     if run is None:
         if len(entry.runners) >= _MAX_PLANS_PER_LAYER:

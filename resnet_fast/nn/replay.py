@@ -5,7 +5,8 @@ Between the kernels that Python runs with cold caches: benchmarks/cpu_layers.py 
 batch-1 ResNet-50 forward outside the convolutions on the Zen 3 (onnxruntime: 0.5-0.7 ms outside its
 convolution nodes), several times what the same code takes in a hot loop. A replay checks once, at the start, in one loop, what each layer
 would have checked: the modules walked are the same objects (none replaced), every conv + BN is still
-plain and in eval mode, its fold is still the recorded one, and so is its plan for this input. What a
+plain and in eval mode, its fold is still the recorded one, and so is its plan for this input and the
+conv's geometry; the max pool's arguments are the recorded ones (they set every later input shape). What a
 fold depends on (fold.folded's key: every source tensor's identity, memory, version counter, dtype,
 device and shape, and eps) is compared for all layers in one list: ResNet-50's 53 layers in 0.48 ms
 (hot, Xeon) where asking fold.folded layer by layer took 0.65; on the cpp backend the extension reads
@@ -32,6 +33,7 @@ class _Program:
     drops: tuple[tuple[int, ...], ...]  # per step: the values whose last use it is (freed after it)
     # Per conv step: (conv, bn, its fold, the plan's key there, the plan, its sources' ids, BN's eps).
     folds: tuple[tuple, ...]
+    pools: tuple[tuple[nn.Module, tuple], ...]  # per max pool walked: (pool, its arguments when recorded)
     tensors: tuple[Tensor, ...]  # every fold's source tensors, in order
     states_of: Callable[[Sequence[Tensor]], list]  # fold.states, or the extension's faster equivalent
     states: list  # states_of(tensors) when recorded
@@ -67,9 +69,12 @@ def _valid(program: _Program, modules: Sequence[nn.Module]) -> bool:
         a is not b for a, b in zip(modules, program.modules, strict=True)
     ):
         return False
+    if any(_pool_args(pool) != args for pool, args in program.pools):
+        return False  # another output shape: every later layer's plan is for another input
     for conv, bn, entry, key, run, ids, eps in program.folds:
         if (
             fold.last(conv) is not entry
+            or key[0] != (conv.stride, conv.padding, conv.dilation, conv.groups)  # the plan's geometry
             or entry.runners.get(key) is not run
             or not plain_pair(conv, bn)
             or bn.training
@@ -83,6 +88,10 @@ def _valid(program: _Program, modules: Sequence[nn.Module]) -> bool:
         return program.states_of(program.tensors) == program.states
     except RuntimeError:  # a source replaced through .data by an inference tensor
         return False
+
+
+def _pool_args(pool: nn.MaxPool2d) -> tuple:
+    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, pool.return_indices)
 
 
 def _build(
@@ -126,6 +135,7 @@ def _build(
         tuple(sources),
         tuple(tuple(d) for d in drops),
         tuple(folds),
+        tuple((m, _pool_args(m)) for m in modules if isinstance(m, nn.MaxPool2d)),
         tuple(tensors),
         states_of,
         states_of(tensors),

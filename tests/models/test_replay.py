@@ -94,6 +94,14 @@ def _changes():
             m.conv1.weight.data.mul_(0.5)  # bypasses the version counter: fold.invalidate() is the rule
         fold.invalidate(ours)
 
+    def conv_geometry_changed(ours, theirs):  # the output's shape kept: only the plan would notice
+        for m in (ours, theirs):
+            m.layer1[0].conv2.padding, m.layer1[0].conv2.dilation = (2, 2), (2, 2)
+
+    def pool_changed(ours, theirs):  # every later layer's input shape changes
+        for m in (ours, theirs):
+            m.maxpool.stride, m.maxpool.padding = 1, 0
+
     return [
         weight_in_place,
         running_var_in_place,
@@ -104,6 +112,8 @@ def _changes():
         data_replaced,
         data_replaced_by_an_inference_tensor,
         data_written_and_invalidated,
+        conv_geometry_changed,
+        pool_changed,
     ]
 
 
