@@ -320,6 +320,10 @@ std::vector<int64_t> tensor_states(const std::vector<at::Tensor>& tensors) {
 
 }  // namespace resnet_fast
 
+namespace resnet_fast::cpu {
+void bind_program(py::module_& m);  // cpu/program.cpp: nn.replay's compiled forward
+}  // namespace resnet_fast::cpu
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "resnet_fast C++/CUDA fused ops";
 #ifdef WITH_CUDA
@@ -429,4 +433,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("out") = py::none());
   m.def("set_cpu_conv_route", &resnet_fast::cpu::set_conv_route,
         "'auto' (oneDNN fused ops when available) or 'aten' (force the fallback; for tests)", py::arg("route"));
+  resnet_fast::cpu::bind_program(m);
 }

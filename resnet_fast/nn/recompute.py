@@ -154,6 +154,8 @@ def max_pool2d(pool: nn.Module, x: Tensor) -> Tensor:
         )
         shape = [x.shape[0], x.shape[1], *((x.shape[i + 2] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2))]
         out = _ext.load().max_pool_cl(x, k, s, p, buffers.output(shape, x))
+        if buffers.captured is not None:  # for nn.replay's compiled program
+            buffers.captured.append(dict(kind="max_pool", kernel=k, stride=s, padding=p, out=out))
         buffers.record(lambda x, residual, buffers: max_pool2d(pool, x), x, None, out, None)
         return out
     if buffers is not None:

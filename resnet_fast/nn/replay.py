@@ -11,6 +11,11 @@ fold depends on (fold.folded's key: every source tensor's identity, memory, vers
 device and shape, and eps) is compared for all layers in one list: ResNet-50's 53 layers in 0.48 ms
 (hot, Xeon) where asking fold.folded layer by layer took 0.65; on the cpp backend the extension reads
 those fields. Any other outcome records the forward again.
+
+On the cpp backend the first replay is also captured: each plan describes its kernel call (ops.conv's
+_describe) with the buffers it used, and the program is compiled into one C.Program
+(csrc/cpu/program.cpp) that later replays run in one call on that same memory. It belongs to the Buffers
+it was captured on (one forward at a time), and is dropped when that Buffers drops its memory.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import _ext, fold
+from ..ops import layer_choice
 from .fused import plain_pair, private_activations
 
 
@@ -38,6 +44,10 @@ class _Program:
     states_of: Callable[[Sequence[Tensor]], list]  # fold.states, or the extension's faster equivalent
     states: list  # states_of(tensors) when recorded
 
+
+# On the cpp backend a replay runs as one C++ call from its second time on (see _replay); False keeps it in
+# Python (benchmarks/cpu_replay.py compares the two).
+COMPILE = True
 
 # Per model: its programs by input shape, dtype, device and backend. Weakly keyed: they die with it.
 _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Program]] = weakref.WeakKeyDictionary()
@@ -143,12 +153,66 @@ def _build(
 
 
 def _replay(program: _Program, x: Tensor, buffers) -> Tensor:
+    compiled = buffers.compiled
+    if compiled is not None and compiled[0] is program and not any(map(_settled, compiled[2])) and COMPILE:
+        return compiled[1].run(x, buffers)
+    # Captured: the replay in Python, each kernel call described (ops.conv), then compiled into one
+    # C.Program on the memory this Buffers gave them. Its buffers are dropped first: else every kept
+    # buffer would look in use to this replay's Buffers.output.
+    buffers.compiled = None
+    compile_it = COMPILE and buffers.backend == "cpp" and x.numel() > 0
+    buffers.captured = [] if compile_it else None
+    steps: list[tuple] = []
     values: list[Tensor | None] = []
-    for run, (xs, rs), drops in zip(program.runs, program.sources, program.drops, strict=True):
-        a = x if xs < 0 else values[xs]
-        r = None if rs is None else (x if rs < 0 else values[rs])
-        values.append(run(a, r, buffers))
-        a = r = None  # as the forward drops them, so that kept buffers can be reused
-        for d in drops:
-            values[d] = None
+    try:
+        for run, (xs, rs), drops in zip(program.runs, program.sources, program.drops, strict=True):
+            a = x if xs < 0 else values[xs]
+            r = None if rs is None else (x if rs < 0 else values[rs])
+            values.append(run(a, r, buffers))
+            if compile_it:
+                steps.append((run, xs, rs, drops, _captured(buffers, run, r)))
+            a = r = None  # as the forward drops them, so that kept buffers can be reused
+            for d in drops:
+                values[d] = None
+    finally:
+        buffers.captured = None
+    if compile_it:
+        buffers.compiled = _compile(program, steps, buffers, x)
     return values[-1]
+
+
+def _compile(program: _Program, steps: list[tuple], buffers, x: Tensor) -> tuple:
+    """buffers.compiled for the captured steps: (program, the C.Program, the plans still settling in it)."""
+    compiled = _ext.load().Program()
+    for run, xs, rs, drops, step in steps:
+        args = None
+        if step is not None:
+            if "workspace" in step:  # the scratch only grows: the last one serves every step
+                step = {**step, "workspace": buffers.scratch(0, x)}
+            args = {k: v() if isinstance(v, weakref.ref) else v for k, v in step.items()}
+            if any(args[k] is None for k, v in step.items() if isinstance(v, weakref.ref)):
+                args = None  # a tensor it wrote or read is gone: the plan runs in Python
+        if args is None:
+            compiled.add_python(run, xs, rs, list(drops))
+        else:
+            compiled.add(x=xs, residual=rs, drops=list(drops), **args)
+    settling = tuple(run for run, *_, step in steps if step is None and layer_choice.settling(run))
+    return program, compiled, settling
+
+
+def _captured(buffers, run, residual: Tensor | None) -> dict | None:
+    """The step `run` just took, as C.Program.add's arguments with every tensor weakly held (a kept buffer
+    referenced here would look in use to the next step's Buffers.output; Buffers and the plans hold every
+    tensor described), or None where it runs in Python: not one kernel call, or a path on trial."""
+    described, buffers.captured = buffers.captured, []
+    if len(described) != 1 or layer_choice.settling(run):
+        return None
+    step = described[0]
+    if residual is not None and step.get("out") is residual:
+        step = {**step, "out": None, "in_place": True}
+    return {k: weakref.ref(v) if isinstance(v, Tensor) else v for k, v in step.items()}
+
+
+def _settled(run) -> bool:
+    """A plan that was timing its close paths when a program was captured, and has chosen since."""
+    return not layer_choice.settling(run)

@@ -78,6 +78,11 @@ class Buffers:
         # While a forward is recorded for replay (nn.replay): per step, (plan, its input's, residual's
         # and output's data pointers, the layer); None when not recording or when a step could not be.
         self.recording: list[tuple] | None = None
+        # While nn.replay captures a replay: per kernel call, its C.Program.add arguments (ops.conv's
+        # _describe). compiled: the replay's (program, C.Program, its steps' plans still being settled) on
+        # this Buffers' memory, dropped with it.
+        self.captured: list[dict] | None = None
+        self.compiled: tuple | None = None
 
     def start(self, x: Tensor, backend: str | None = None) -> None:
         """A forward with input x begins, its fused layers on `backend`."""
@@ -86,6 +91,7 @@ class Buffers:
         if key != self._input:
             self._pool.clear()
             self._scratch = None
+            self.compiled = None
             self._input = key
 
     def record(self, run, x: Tensor, residual: Tensor | None, out: Tensor, layer: tuple | None) -> None:

@@ -95,17 +95,40 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     run, into_residual = C.conv_bias_act, C.conv_bias_act_into_residual
 
     def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+        _describe(
+            buffers,
+            kind="onednn",
+            weight=weight(),
+            bias=b,
+            relu=relu,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+        )
         return run(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     def onednn_in_place(x: Tensor, residual: Tensor, buffers: Buffers | None = None) -> Tensor:
         x, residual = x.contiguous(memory_format=_CL), residual.contiguous(memory_format=_CL)
+        _describe(
+            buffers,
+            kind="onednn",
+            weight=weight(),
+            bias=b,
+            relu=relu,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            out=residual,
+        )
         return into_residual(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     library = onednn_in_place if inplace and residual is not None and x.device.type == "cpu" else onednn
     library.__name__ = "onednn"
     if x.device.type == "cpu":
         keep_freed_memory()  # oneDNN's outputs, and our first forward's, come back from the heap next time
-    kernels = _own_kernels(C, slot, x, w, dense, b, relu, stride, padding, dilation, groups)
+    kernels = _own_kernels(C, slot, x, w, dense, b, relu, stride, padding, dilation, groups, onednn)
     if not kernels:
         return library
     shape = _conv_out_shape(x, w, stride, padding, dilation)
@@ -159,10 +182,6 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
         if name == "onednn":
             return library
         kernel, packed = kernels[name]
-        # Winograd's transforms mix a 4x4 or 6x6 patch: the kernel returns None, having written nothing (not
-        # even an in-place residual), for an input with Inf or NaN, which it would spread where torch keeps
-        # outputs finite. Only its plans keep oneDNN's prepacked weight for that.
-        fallback = onednn if name.startswith("winograd") else None
 
         def ours(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
             # A NaN or Inf weight (packed on a plan's first call, a rival's on its turn): oneDNN on the
@@ -173,10 +192,8 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
             if residual is not None:
                 residual = residual.contiguous(memory_format=_CL)
             if inplace and residual is not None:
-                out = kernel(x, residual, residual, buffers)
-            else:
-                out = kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
-            return fallback(x, residual) if out is None else out
+                return kernel(x, residual, residual, buffers)
+            return kernel(x, residual, buffers.output(shape, x) if buffers is not None else None, buffers)
 
         ours.__name__ = name
         return ours
@@ -197,7 +214,7 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
 
 
 def _own_kernels(
-    C, slot, x, w, dense, b, relu, stride, padding, dilation, groups
+    C, slot, x, w, dense, b, relu, stride, padding, dilation, groups, library
 ) -> dict[str, tuple[Callable[..., Tensor], Callable[[], Tensor | None]]]:
     """resnet_fast._C's kernels that run this layer, by path name: (kernel(x, residual, out, buffers), its
     packed weight: packed on first use, kept beside the fold; None where a packed value is not finite).
@@ -208,7 +225,7 @@ def _own_kernels(
     the weight bytes), and where it has fewer pixels than output channels also the implicit GEMM,
     which reads the fewest weight bytes and can win where they bound the layer (batch 1 at 7x7 with
     512 channels: 1.81 ms vs Winograd's 2.2-2.3 and oneDNN's 1.97 on the Xeon; on larger inputs
-    Winograd won every time, so the GEMM is not timed there); a layer
+    Winograd won every time, so the GEMM is not timed there; `library` runs where Winograd cannot); a layer
     with few input channels (the stem's 3) gets the GEMM over kernel rows ("gemm_rows"); other shapes get
     the GEMM. Bfloat16 (CPUs with AVX512_BF16): the GEMM where the input channels pair up (an even
     number), the GEMM over kernel rows where they are few (the stem's 3, given a zero fourth); on CPUs with AMX-BF16
@@ -260,7 +277,7 @@ def _own_kernels(
         kernels = {}
         for tile, name in ((2, "winograd"), (4, "winograd4")):
             packed = _packed(slot, name, lambda tile=tile: C.pack_winograd_weight(source, tile, scale))
-            kernels[name] = (_winograd(C, packed, x, w, bias, relu, padding, tile), packed)
+            kernels[name] = (_winograd(C, packed, x, w, bias, relu, padding, tile, library), packed)
         if x.shape[0] * x.shape[2] * x.shape[3] < w.shape[0]:  # fewer pixels than channels: weight-bound
             packed = _packed(slot, "gemm", lambda: C.pack_conv_gemm_weight(source, scale))
             kernels["gemm"] = (_gemm(gemm, packed, bias, relu, stride, padding, dilation), packed)
@@ -272,15 +289,31 @@ def _own_kernels(
     return {"gemm": (_gemm(gemm, packed, bias, relu, stride, padding, dilation), packed)}
 
 
-def _winograd(C, packed, x, w, bias, relu, padding, tile: int) -> Callable[..., Tensor]:
-    """Winograd F(tile x tile, 3x3) (C.conv_winograd_bias_act) on a weight transformed on first use."""
+def _winograd(C, packed, x, w, bias, relu, padding, tile: int, fallback) -> Callable[..., Tensor]:
+    """Winograd F(tile x tile, 3x3) (C.conv_winograd_bias_act) on a weight transformed on first use.
+
+    Its transforms mix a 4x4 or 6x6 patch: the kernel returns None, having written nothing (not even an
+    in-place residual), for an input with Inf or NaN, which it would spread where torch keeps outputs
+    finite; fallback(x, residual) (oneDNN, whose prepacked weight only Winograd plans keep) runs then."""
     size = C.winograd_workspace_size(list(x.shape), w.shape[0], padding, tile)
     winograd = C.conv_winograd_bias_act
 
     def run_winograd(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         space = buffers.scratch(size, x) if buffers is not None else None
         x = x.contiguous(memory_format=_CL)
-        return winograd(x, packed(), bias, residual, relu, padding, out, space)
+        _describe(
+            buffers,
+            kind="winograd",
+            weight=packed(),
+            bias=bias,
+            relu=relu,
+            padding=padding,
+            out=out,
+            workspace=space,
+            fallback=fallback,
+        )
+        y = winograd(x, packed(), bias, residual, relu, padding, out, space)
+        return fallback(x, residual) if y is None else y
 
     return run_winograd
 
@@ -290,6 +323,17 @@ def _gemm(gemm, packed, bias, relu, stride, padding, dilation) -> Callable[..., 
 
     def run_gemm(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         x = x.contiguous(memory_format=_CL)
+        _describe(
+            buffers,
+            kind="gemm",
+            weight=packed(),
+            bias=bias,
+            relu=relu,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            out=out,
+        )
         return gemm(x, packed(), bias, residual, relu, stride, padding, dilation, out)
 
     return run_gemm
@@ -307,19 +351,31 @@ def _amx(C, packed, kernel, bias, relu, stride, padding) -> Callable[..., Tensor
     def run_amx(x: Tensor, residual: Tensor | None, out: Tensor | None, buffers) -> Tensor:
         x = x.contiguous(memory_format=_CL)
         n, cin, h, width = x.shape
+        step = dict(kind="amx", weight=packed(), bias=bias, relu=relu, stride=stride, padding=[0, 0], out=out)
         if ph or pw:
             shape = [n, cin, h + 2 * ph, width + 2 * pw]
             padded = _buffer(buffers, shape, x)
             C.pad_cl(x, padding, padded)
             x = padded
+            step.update(stage="pad", stage_args=padding, staged=padded)
         elif one_by_one and list(stride) != [1, 1]:
             sh, sw = stride
             picked = _buffer(buffers, [n, cin, (h - 1) // sh + 1, (width - 1) // sw + 1], x)
             x = picked.copy_(x[:, :, ::sh, ::sw])
+            step.update(stage="pick", stage_args=stride, staged=picked, stride=[1, 1])
+            _describe(buffers, **step)
             return amx(x, packed(), bias, residual, relu, [1, 1], [0, 0], out)
+        _describe(buffers, **step)
         return amx(x, packed(), bias, residual, relu, stride, [0, 0], out)
 
     return run_amx
+
+
+def _describe(buffers: Buffers | None, **step) -> None:
+    """While nn.replay captures a forward (buffers.captured a list): this kernel call, as the arguments of
+    C.Program.add, with the run's own buffers in it (the step's input and residual are the program's)."""
+    if buffers is not None and buffers.captured is not None:
+        buffers.captured.append(step)
 
 
 def _buffer(buffers, shape: list[int], x: Tensor) -> Tensor:
@@ -349,6 +405,20 @@ def _gemm_rows(C, packed, w, bias, relu, stride, padding, amx: bool = False) -> 
         padded = _buffer(buffers, shape, x)
         C.pad_cl(x, padding, padded)  # x zero-padded (and given a zero channel where cin_p > cin), one pass
         view = padded.as_strided((n, kw * cin_p, hp, wp - kw + 1), (hp * wp * cin_p, 1, wp * cin_p, cin_p))
+        _describe(
+            buffers,
+            kind="amx" if amx else "gemm",
+            weight=packed(),
+            bias=bias,
+            relu=relu,
+            stride=stride,
+            out=out,
+            stage="pad",
+            stage_args=padding,
+            staged=padded,
+            view_sizes=list(view.shape),
+            view_strides=list(view.stride()),
+        )
         if amx:
             return on_amx(view, packed(), bias, residual, relu, stride, [0, 0], out)
         return gemm(view, packed(), bias, residual, relu, stride, [0, 0], [1, 1], out)

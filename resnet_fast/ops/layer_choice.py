@@ -278,6 +278,11 @@ def runs_unsettled(fn: Callable[[], object]) -> bool:
     return any(run in _SETTLING for run in _TRIED)
 
 
+def settling(run: Callable[..., object]) -> bool:
+    """Whether `run` is a plan of settle_in_model still timing its paths (each call may run another)."""
+    return run in _SETTLING
+
+
 def rivals_cpu(key: str, path: str, cache: ChoiceCache | None = None) -> list[str]:
     """The paths that measured within CPU_DECISIVE of `path` (the choice for `key`) alone and have not
     been settled in a model yet: [] for a decisive or settled choice, or with SETTLE_IN_MODEL off."""

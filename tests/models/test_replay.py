@@ -11,6 +11,7 @@ from _utils import torchvision_pair
 import resnet_fast
 from resnet_fast import _ext, fold
 from resnet_fast.nn import replay
+from resnet_fast.ops import layer_choice
 
 pytestmark = pytest.mark.skipif(
     _ext.load() is None, reason="the cpp backend needs the resnet_fast._C extension (not built here)"
@@ -168,3 +169,59 @@ def test_replay_keeps_buffers_reusable():
         for _ in range(3):
             ours(x)  # replays
     assert 0 < fused.release_buffers(ours) <= held
+
+
+# The paths a compiled replay is checked on: per path, the candidates taken where a layer has them (the
+# first one it has; oneDNN where none). AMX runs bfloat16.
+_PATHS = {
+    "winograd": ("winograd", "gemm", "gemm_rows"),
+    "winograd4": ("winograd4", "gemm", "gemm_rows"),
+    "onednn": (),
+    "amx": ("amx", "amx_rows"),
+}
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+def test_compiled_replay_gives_the_recorded_numbers(monkeypatch, path):
+    """A replay is captured (its kernel calls described) and compiled into one C.Program on the memory its
+    Buffers gave them: from the third call on, every step is a kernel call in C++ (no plan in Python), with
+    the recorded forward's numbers bit for bit on every path. A batch with NaN pixels meeting the program
+    gives NaN logits for that image only (Winograd's layers fall back to oneDNN inside it); the clean batch
+    after it is unchanged."""
+    C = _ext.load()
+    dtype = torch.bfloat16 if path == "amx" else torch.float32
+    if path == "amx" and not C.conv_amx_supported():
+        pytest.skip("this CPU has no AMX-BF16 (or the OS does not let this process use it)")
+    if path != "onednn" and not C.conv_gemm_supported():
+        pytest.skip("this CPU has no AVX2 + FMA: resnet_fast's own CPU kernels do not run here")
+    taken = []
+
+    def choose(key, runs, cache=None, before=None):
+        taken.append(next((p for p in _PATHS[path] if p in runs), "onednn"))
+        return taken[-1]
+
+    monkeypatch.setattr(layer_choice, "choose_cpu", choose)
+    from resnet_fast.nn import fused
+
+    ours, _ = torchvision_pair()
+    ours = ours.to(dtype)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        recorded = ours(x)
+        captured = ours(x)
+        (buffers,) = fused._IDLE_BUFFERS[ours]
+        program, compiled, settling = buffers.compiled
+        assert program is next(iter(_programs(ours).values())) and not settling
+        assert "python" not in compiled.kinds() and len(compiled) == len(program.runs)
+        assert path == "onednn" or path in taken
+        replayed = [ours(x) for _ in range(2)]
+        bad = x.clone()
+        bad[0, :, 10:20, 10:20] = float("nan")
+        out = ours(bad)
+        after = ours(x)
+    assert buffers.compiled[1] is compiled  # the same program ran every replay
+    for y in (captured, *replayed, after):
+        torch.testing.assert_close(y, recorded, rtol=0, atol=0)
+    assert out[0].isnan().all() and out[1].isfinite().all()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # image 1 through oneDNN where Winograd refused the batch
+    torch.testing.assert_close(out[1], recorded[1], rtol=tol, atol=tol * recorded[1].abs().max().item())

@@ -156,7 +156,7 @@ def test_gemm_over_kernel_rows_matches_float64_reference(isa, shape, residual):
     batch, cin, cout, h, w, k, stride, padding = shape
     x, weight, bias, res = _case(batch, cin, cout, h, w, k, stride, padding, 1, residual)
     geometry = ([stride] * 2, [padding] * 2, [1, 1])
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1, None)
     assert list(kernels) == ["gemm_rows"]
     run = kernels["gemm_rows"][0]
     expected = _reference(x, weight, bias, res, True, stride, padding, 1)
@@ -515,7 +515,7 @@ def test_bf16_gemm_over_kernel_rows_matches_float64_reference(shape):
     batch, cin, cout, h, w, k, stride, padding = shape
     x, weight, bias, res = (t.bfloat16() for t in _case(batch, cin, cout, h, w, k, stride, padding, 1, True))
     geometry = ([stride] * 2, [padding] * 2, [1, 1])
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, 1, None)
     # On AMX tiles too where a kernel row's channels (given a zero one where odd) fit one tile's 32.
     amx = _C.conv_amx_supported() and cout % 32 == 0 and k * (cin + k * cin % 2) <= 32
     assert list(kernels) == ["gemm_rows"] + ["amx_rows"] * amx
@@ -596,7 +596,7 @@ def test_amx_matches_float64_reference(shape):
     theirs = torch.relu(F.conv2d(x, weight, bias.bfloat16(), stride, padding) + res)
     scale = expected.abs().max().item()
     geometry = ([stride] * 2, [padding] * 2)
-    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, [1, 1], 1)
+    kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, [1, 1], 1, None)
     assert list(kernels) == ["gemm", "amx"]
     buffers = Buffers()
     buffers.start(x)
@@ -956,6 +956,10 @@ def test_close_calls_are_settled_in_the_model_forwards(monkeypatch, tmp_path):
         for _ in range(paths * (1 + layer_choice.CPU_SETTLE_CALLS)):
             out = ours(x)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        # Paths on trial ran as Python steps of the compiled replay; once chosen, it is compiled again.
+        ours(x)
+        (buffers,) = fused._IDLE_BUFFERS[ours]
+        assert buffers.compiled is not None and "python" not in buffers.compiled[1].kinds()
     choices = [c for k, c in cache.items() if len(c.ms) > 1 and not k.startswith("linear")]  # convs
     assert choices and all(set(c.in_model) == set(c.ms) for c in choices)
     assert all(c.path == min(c.in_model, key=c.in_model.get) for c in choices)
