@@ -176,6 +176,30 @@ def sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
         return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+def source_guards(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple]:
+    """nn.replay's guards that sources(conv, bn) still gives the same tensors: ("item", registry, name,
+    tensor), and ("attr", module, name, tensor) for one read outside the registries."""
+    guards = []
+    for module, registry, names in (
+        (conv, "_parameters", ("weight", "bias")),
+        (bn, "_parameters", ("weight", "bias")),
+        (bn, "_buffers", ("running_mean", "running_var")),
+    ):
+        d = getattr(module, registry)
+        guards.append(("attr", module, registry, d))
+        for name in names:
+            guards.append(
+                ("item", d, name, d[name]) if name in d else ("attr", module, name, getattr(module, name))
+            )
+    return guards
+
+
+def last_guards(conv: nn.Conv2d) -> list[tuple]:
+    """nn.replay's guards that last(conv) is still the fold it returns now (not None)."""
+    cache = conv.__dict__[_ATTR]
+    return [("attr", conv, _ATTR, cache), ("attr", cache, "entry", cache.entry)]
+
+
 def states(tensors: tuple | list) -> list:
     """Per tensor (None kept): what a fold depends on, its memory, version counter, dtype, device and
     shape. Raises RuntimeError for inference tensors (no version counter)."""

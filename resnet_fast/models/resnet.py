@@ -291,10 +291,12 @@ class ResNet(nn.Module):
     def _forward_impl(self, x: Tensor) -> Tensor:
         self._check_input(x)
         x = to_model_layout(x)
-        # Tensors no one else can see: residual adds in place, outputs into buffers kept from the last
-        # forward, the forward replayed from a recording (see _private_modules and nn.replay).
-        modules = self._private_modules()
-        x = self._features(x) if modules is None else run_private(self, x, self._features, modules)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            x = self._features(x)  # an autograd graph, a compile or a trace sees the activations
+        else:
+            # Where no one else can see the tensors: residual adds in place, outputs into buffers kept from
+            # the last forward, the forward replayed from a recording (see _private_modules and nn.replay).
+            x = run_private(self, x, self._features, self._private_modules)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         x = linear(x, self.fc)  # self.fc(x), on our GEMM at CPU inference where that is faster

@@ -57,14 +57,19 @@ def private_activations(owner: nn.Module, x: Tensor) -> Iterator[ops.Buffers]:
         buffers = idle.pop()
     except IndexError:
         buffers = ops.Buffers()
-    # Resolved once per forward: each layer's own resolution costs ~2 us of Python (an environment read).
-    buffers.start(x, None if torch.is_autocast_enabled(x.device.type) else ops.backend_for(x.device))
+    buffers.start(x, private_backend(x))
     try:
         with ops.buffers.using(buffers):
             yield buffers
     finally:
         buffers.recording = None
         idle.append(buffers)
+
+
+def private_backend(x: Tensor) -> str | None:
+    """The backend a private forward's fused layers run on, resolved once per forward (each layer's own
+    resolution costs ~2 us of Python, an environment read); None under autocast (each layer resolves it)."""
+    return None if torch.is_autocast_enabled(x.device.type) else ops.backend_for(x.device)
 
 
 def release_buffers(owner: nn.Module) -> int:

@@ -3,14 +3,15 @@ order, on the same kept buffers, without the Python between them (module calls, 
 
 Between the kernels that Python runs with cold caches: benchmarks/cpu_layers.py put 3.7 ms of a
 batch-1 ResNet-50 forward outside the convolutions on the Zen 3 (onnxruntime: 0.5-0.7 ms outside its
-convolution nodes), several times what the same code takes in a hot loop. A replay checks once, at the start, in one loop, what each layer
-would have checked: the modules walked are the same objects (none replaced), every conv + BN is still
-plain and in eval mode, its fold is still the recorded one, and so is its plan for this input and the
-conv's geometry; the max pool's arguments are the recorded ones (they set every later input shape). What a
-fold depends on (fold.folded's key: every source tensor's identity, memory, version counter, dtype,
-device and shape, and eps) is compared for all layers in one list: ResNet-50's 53 layers in 0.48 ms
-(hot, Xeon) where asking fold.folded layer by layer took 0.65; on the cpp backend the extension reads
-those fields. Any other outcome records the forward again.
+convolution nodes), several times what the same code takes in a hot loop. A replay checks once, at the
+start, what the walk of the modules and each layer would have checked, as identity guards (_guards): the
+same modules of the same types with the same submodules and no hooks, every BN in eval mode with its eps,
+every conv with its geometry, its fold still the recorded one and so its plan for this input; the max
+pool's arguments (they set every later input shape). What a fold depends on beyond its tensors' identity
+(their memory, version counter, dtype, device and shape) is compared for all layers at once. On the cpp
+backend the extension reads both: ResNet-50 at batch 1 on the Xeon, 0.49-0.54 ms in the forward (1,657 guards
+and 265 tensors) where the walk and the checks in Python took 1.0 ms. Any other outcome records the
+forward again.
 
 On the cpp backend the first replay is also captured: each plan describes its kernel call (ops.conv's
 _describe) with the buffers it used, and the program is compiled into one C.Program
@@ -28,18 +29,19 @@ from torch import Tensor, nn
 
 from .. import _ext, fold
 from ..ops import layer_choice
-from .fused import plain_pair, private_activations
+from .fused import private_activations, private_backend
 
 
 @dataclass(frozen=True)
 class _Program:
-    modules: tuple[nn.Module, ...]  # walked when recorded, in order
     runs: tuple[Callable[..., Tensor], ...]  # per step: run(x, residual, buffers), a plan or the pool
     sources: tuple[tuple[int, int | None], ...]  # per step: its x and residual as step indices, -1 the input
     drops: tuple[tuple[int, ...], ...]  # per step: the values whose last use it is (freed after it)
-    # Per conv step: (conv, bn, its fold, the plan's key there, the plan, its sources' ids, BN's eps).
-    folds: tuple[tuple, ...]
-    pools: tuple[tuple[nn.Module, tuple], ...]  # per max pool walked: (pool, its arguments when recorded)
+    # What must still be as recorded, as (kind, obj, name, expected) (see _guards): the modules walked and
+    # what each layer's plan depends on, but the fold sources' contents.
+    guards: list[tuple]
+    roots: tuple  # the owner's submodules, in order (guarded in _valid: a program must not hold its owner)
+    guards_hold: Callable[[list[tuple]], bool]  # _guards_hold, or the extension's equivalent
     tensors: tuple[Tensor, ...]  # every fold's source tensors, in order
     states_of: Callable[[Sequence[Tensor]], list]  # fold.states, or the extension's faster equivalent
     states: list  # states_of(tensors) when recorded
@@ -54,58 +56,112 @@ _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Program]] = weakref
 
 
 def run_private(
-    owner: nn.Module, x: Tensor, features: Callable[[Tensor], Tensor], modules: Sequence[nn.Module]
+    owner: nn.Module,
+    x: Tensor,
+    features: Callable[[Tensor], Tensor],
+    walk: Callable[[], Sequence[nn.Module] | None],
 ) -> Tensor:
-    """features(x) inside private_activations(owner, x), replayed from the recording of an earlier call
-    where that is still valid. `modules`: what features runs, walked in a fixed order."""
+    """features(x), for a forward that no autograd graph, trace or compile sees: replayed from the recording
+    of an earlier call where that is still valid, else run inside private_activations(owner, x) when `walk`
+    gives the modules features runs (in a fixed order; None where one of them could keep an activation, then
+    features simply runs)."""
+    programs = _PROGRAMS.get(owner)
+    if programs:
+        key = (x.shape, x.dtype, x.device, private_backend(x))
+        program = programs.pop(key, None)
+        if program is not None and _valid(program, owner):
+            programs[key] = program
+            with private_activations(owner, x) as buffers:
+                return _replay(program, x, buffers)
+    modules = walk()  # the modules' checks, where no valid program held them
+    if modules is None:
+        return features(x)
     with private_activations(owner, x) as buffers:
         key = (x.shape, x.dtype, x.device, buffers.backend)
-        programs = _PROGRAMS.setdefault(owner, {})
-        program = programs.pop(key, None)
-        if program is not None and _valid(program, modules):
-            programs[key] = program
-            return _replay(program, x, buffers)
         buffers.recording = [] if buffers.backend not in (None, "torch") else None
         out = features(x)
         if buffers.recording:
-            program = _build(buffers.recording, x, out, modules, buffers.backend)
+            program = _build(buffers.recording, x, out, owner, modules, buffers.backend)
             if program is not None:
-                programs[key] = program
+                _PROGRAMS.setdefault(owner, {})[key] = program
         return out
 
 
-def _valid(program: _Program, modules: Sequence[nn.Module]) -> bool:
-    if len(modules) != len(program.modules) or any(
-        a is not b for a, b in zip(modules, program.modules, strict=True)
-    ):
+def _valid(program: _Program, owner: nn.Module) -> bool:
+    holds = program.guards_hold
+    if not (holds([("values", owner, "_modules", program.roots)]) and holds(program.guards)):
         return False
-    if any(_pool_args(pool) != args for pool, args in program.pools):
-        return False  # another output shape: every later layer's plan is for another input
-    for conv, bn, entry, key, run, ids, eps in program.folds:
-        if (
-            fold.last(conv) is not entry
-            or key[0] != (conv.stride, conv.padding, conv.dilation, conv.groups)  # the plan's geometry
-            or entry.runners.get(key) is not run
-            or not plain_pair(conv, bn)
-            or bn.training
-            or bn.eps != eps
-            or conv.padding_mode != "zeros"
-            or not isinstance(conv.padding, tuple)
-            or tuple(map(id, fold.sources(conv, bn))) != ids
-        ):
-            return False
     try:
         return program.states_of(program.tensors) == program.states
     except RuntimeError:  # a source replaced through .data by an inference tensor
         return False
 
 
-def _pool_args(pool: nn.MaxPool2d) -> tuple:
-    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, pool.return_indices)
+def _guards(modules: Sequence[nn.Module], folds: list[tuple]) -> list[tuple]:
+    """What the walk and each layer checked when the forward was recorded, as identity guards: the same
+    walk (no global hook; from the owner's submodules (guarded by _valid), every module of the same type, without hooks, with the
+    same submodules in the same order), each max pool's arguments (they set every later input shape), and
+    per conv + BN layer (conv, bn, its plan's key, the plan): BN's forward, mode and eps, the conv's padding
+    mode and geometry, its fold (fold.last) and that fold's plan for the key, the fold's source tensors. A
+    value set again, even an equal one, fails its guard: the forward is recorded again."""
+    module = nn.modules.module
+    guards = [
+        (kind, module, name, ())
+        for kind, name in (("values", "_global_forward_hooks"), ("values", "_global_forward_pre_hooks"))
+    ]
+    for m in modules:
+        guards.append(("type", m, None, type(m)))
+        guards += [("values", m, name, tuple(getattr(m, name).values())) for name in _WALKED]
+        if isinstance(m, nn.MaxPool2d):
+            guards += [("attr", m, name, getattr(m, name)) for name in _POOL_ARGS]
+    for conv, bn, key, run in folds:
+        guards.append(("attr", type(bn), "forward", type(bn).forward))
+        guards += [("attr", bn, name, getattr(bn, name)) for name in ("training", "eps")]
+        guards += [("attr", conv, name, getattr(conv, name)) for name in _CONV_ARGS]
+        guards += fold.last_guards(conv)
+        guards.append(("item", fold.last(conv).runners, key, run))
+        guards += fold.source_guards(conv, bn)
+    return guards
+
+
+_WALKED = ("_forward_hooks", "_forward_pre_hooks", "_modules")
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_CONV_ARGS = ("padding_mode", "stride", "padding", "dilation", "groups")
+
+
+def _guards_hold(guards: list[tuple]) -> bool:
+    """C.guards_hold in Python: whether getattr(obj, name) is expected ("attr"), obj.get(name) is expected
+    ("item"), getattr(obj, name)'s values are expected's objects in order ("values"), type(obj) is expected
+    ("type")."""
+    for kind, obj, name, expected in guards:
+        if kind == "type":
+            holds = type(obj) is expected
+        elif kind == "item":
+            holds = obj.get(name) is expected
+        else:
+            try:
+                value = getattr(obj, name)
+            except AttributeError:
+                return False
+            if kind == "attr":
+                holds = value is expected
+            else:
+                values = tuple(value.values())
+                holds = len(values) == len(expected) and all(
+                    a is b for a, b in zip(values, expected, strict=True)
+                )
+        if not holds:
+            return False
+    return True
 
 
 def _build(
-    recording: list[tuple], x: Tensor, out: Tensor, modules: Sequence[nn.Module], backend: str
+    recording: list[tuple],
+    x: Tensor,
+    out: Tensor,
+    owner: nn.Module,
+    modules: Sequence[nn.Module],
+    backend: str,
 ) -> _Program | None:
     """The program of a recorded forward: each step's inputs are the outputs of the steps that last
     wrote their memory (kept buffers are reused, and a block's last conv writes into its residual)."""
@@ -133,19 +189,19 @@ def _build(
             entry = fold.current(conv, bn, x.dtype)
             if entry is None or entry.runners.get(key) is not run:
                 return None  # not cached (inference tensors), or changed during the forward
-            srcs = fold.sources(conv, bn)
-            folds.append((conv, bn, entry, key, run, tuple(map(id, srcs)), bn.eps))
-            tensors.extend(t for t in srcs if t is not None)
-    # The cpp backend has the extension loaded: its tensor_states reads the same fields in C++ (0.42 ->
-    # ~0.05 ms per ResNet-50 forward); another backend may not have it built.
-    states_of = _ext.load().tensor_states if backend == "cpp" else fold.states
+            folds.append((conv, bn, key, run))
+            tensors.extend(t for t in fold.sources(conv, bn) if t is not None)
+    # The cpp backend has the extension loaded: it reads the guards and the tensors' states in C++ (ResNet-50
+    # at batch 1: ~0.3 and 0.42 ms of Python per forward); another backend may not have it built.
+    C = _ext.load() if backend == "cpp" else None
+    states_of = C.tensor_states if C is not None else fold.states
     return _Program(
-        tuple(modules),
         tuple(r[0] for r in recording),
         tuple(sources),
         tuple(tuple(d) for d in drops),
-        tuple(folds),
-        tuple((m, _pool_args(m)) for m in modules if isinstance(m, nn.MaxPool2d)),
+        _guards(modules, folds),
+        tuple(owner._modules.values()),
+        C.guards_hold if C is not None else _guards_hold,
         tuple(tensors),
         states_of,
         states_of(tensors),
