@@ -78,6 +78,7 @@ def run_private(
         return features(x)
     with private_activations(owner, x) as buffers:
         key = (x.shape, x.dtype, x.device, buffers.backend)
+        buffers.compiled = None  # a stale program's buffers would all look in use to this forward
         buffers.recording = [] if buffers.backend not in (None, "torch") else None
         out = features(x)
         if buffers.recording:
@@ -99,11 +100,12 @@ def _valid(program: _Program, owner: nn.Module) -> bool:
 
 def _guards(modules: Sequence[nn.Module], folds: list[tuple]) -> list[tuple]:
     """What the walk and each layer checked when the forward was recorded, as identity guards: the same
-    walk (no global hook; from the owner's submodules (guarded by _valid), every module of the same type, without hooks, with the
-    same submodules in the same order), each max pool's arguments (they set every later input shape), and
-    per conv + BN layer (conv, bn, its plan's key, the plan): BN's forward, mode and eps, the conv's padding
-    mode and geometry, its fold (fold.last) and that fold's plan for the key, the fold's source tensors. A
-    value set again, even an equal one, fails its guard: the forward is recorded again."""
+    walk (no global hook; from the owner's submodules, which _valid guards, every module of the same type,
+    without hooks, with the same submodules in the same order), each max pool's arguments (they set every
+    later input shape), and per conv + BN layer (conv, bn, its plan's key, the plan): BN's forward, mode
+    and eps, the conv's padding mode and geometry, its fold (fold.last) and that fold's plan for the key,
+    the fold's source tensors. A value set again, even an equal one, fails its guard: the forward is
+    recorded again."""
     module = nn.modules.module
     guards = [
         (kind, module, name, ())

@@ -197,6 +197,9 @@ def test_replay_keeps_buffers_reusable():
         ours(x)  # replayed into fresh buffers
         for _ in range(3):
             ours(x)  # replays
+        ours.layer2[0].conv1.weight.mul_(2)  # recorded again (beside the stale compiled replay), replayed
+        for _ in range(4):
+            ours(x)
     assert 0 < fused.release_buffers(ours) <= held
 
 
