@@ -1126,11 +1126,12 @@ bool winograd_run(const float* xp, const float* up, const float* bp, const float
 // taps, out[pos * pos_stride + lane]. kG g kG^T (integers up to 4) is exact in float64 unless a kernel's
 // taps differ by more than 2^29 in magnitude; then one float64 division, and the rounding to float.
 template <int M>
-__attribute__((always_inline)) inline void winograd_weight_panel(const double (*g)[NR], float* out,
+__attribute__((always_inline)) inline bool winograd_weight_panel(const double (*g)[NR], float* out,
                                                                  int64_t pos_stride) {
   using W = Winograd<M>;
   constexpr int N = W::N;
   double t[N][3][NR];  // kG g
+  bool finite = true;  // checked as written: reading the 36 positions back, 1 MB apart, took most of the time
   for (int i = 0; i < N; ++i) {
     for (int j = 0; j < 3; ++j) {
       for (int l = 0; l < NR; ++l) {
@@ -1144,10 +1145,13 @@ __attribute__((always_inline)) inline void winograd_weight_panel(const double (*
       float* o = out + (i * N + j) * pos_stride;
       for (int l = 0; l < NR; ++l) {
         const double u = W::kG[j][0] * t[i][0][l] + W::kG[j][1] * t[i][1][l] + W::kG[j][2] * t[i][2][l];
-        o[l] = static_cast<float>(u / div);
+        const float v = static_cast<float>(u / div);
+        o[l] = v;
+        finite &= finite_value(v);
       }
     }
   }
+  return finite;
 }
 
 // Panels [b, e) of (panel, input channel) pairs, one full 64-byte line per position and pair, from
@@ -1165,11 +1169,7 @@ __attribute__((always_inline)) inline bool pack_winograd_range(const float* src,
       const float s = scale ? scale[panel * NR + l] : 1.0f;
       for (int k = 0; k < 9; ++k) g[k][l] = scale ? taps[k] * s : taps[k];
     }
-    float* out = dst + (panel * cin + c) * NR;
-    winograd_weight_panel<M>(g, out, cout * cin);
-    for (int p = 0; p < Winograd<M>::N * Winograd<M>::N; ++p) {
-      for (int l = 0; l < NR; ++l) finite &= finite_value(out[p * cout * cin + l]);
-    }
+    finite &= winograd_weight_panel<M>(g, dst + (panel * cin + c) * NR, cout * cin);
   }
   return finite;
 }
