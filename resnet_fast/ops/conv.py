@@ -94,7 +94,7 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
     weight = _held(prepack) if slot is not None else dense
     run, into_residual = C.conv_bias_act, C.conv_bias_act_into_residual
 
-    def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+    def describe(buffers: Buffers | None, **out) -> None:  # this call, for nn.replay's compiled program
         _describe(
             buffers,
             kind="onednn",
@@ -105,23 +105,16 @@ def _cpp_runner(x, w, b, residual, relu, stride, padding, dilation, groups, inpl
             padding=padding,
             dilation=dilation,
             groups=groups,
+            **out,
         )
+
+    def onednn(x: Tensor, residual: Tensor | None, buffers: Buffers | None = None) -> Tensor:
+        describe(buffers)
         return run(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     def onednn_in_place(x: Tensor, residual: Tensor, buffers: Buffers | None = None) -> Tensor:
         x, residual = x.contiguous(memory_format=_CL), residual.contiguous(memory_format=_CL)
-        _describe(
-            buffers,
-            kind="onednn",
-            weight=weight(),
-            bias=b,
-            relu=relu,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            out=residual,
-        )
+        describe(buffers, out=residual)
         return into_residual(x, weight(), b, residual, relu, stride, padding, dilation, groups)
 
     library = onednn_in_place if inplace and residual is not None and x.device.type == "cpu" else onednn
