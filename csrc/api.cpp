@@ -322,8 +322,8 @@ py::bytes tensor_states(const std::vector<at::Tensor>& tensors) {
 // nn.replay's guards, in one loop: whether every (kind, obj, name, expected) holds. "attr": getattr(obj, name)
 // is expected; "item": the dict obj maps name to expected (absent: None); "values": the values of the dict
 // getattr(obj, name), in order, are the objects of the tuple expected; "type": type(obj) is expected. A
-// failed lookup is a guard that does not hold. ResNet-50's ~1,700 guards read in Python cost ~0.3 ms per
-// forward with warm caches, ~1 ms after the forward's kernels had evicted them.
+// failed lookup is a guard that does not hold. ResNet-50 has ~1,700: 0.12 ms here with warm caches (0.9-1.2
+// ms for the same loop in Python); the walk and the checks they replace took 0.3 ms warm, 1 ms in a forward.
 bool guards_hold(const py::list& guards) {
   for (const py::handle guard : guards) {
     PyObject* g = guard.ptr();
