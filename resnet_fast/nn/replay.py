@@ -43,8 +43,8 @@ class _Program:
     roots: tuple  # the owner's submodules, in order (guarded in _valid: a program must not hold its owner)
     guards_hold: Callable[[list[tuple]], bool]  # _guards_hold, or the extension's equivalent
     tensors: tuple[Tensor, ...]  # every fold's source tensors, in order
-    states_of: Callable[[Sequence[Tensor]], list]  # fold.states, or the extension's faster equivalent
-    states: list  # states_of(tensors) when recorded
+    states_of: Callable[[Sequence[Tensor]], list | bytes]  # fold.states, or the extension's (as bytes)
+    states: list | bytes  # states_of(tensors) when recorded
 
 
 # On the cpp backend a replay runs as one C++ call from its second time on (see _replay); False keeps it in
@@ -212,7 +212,9 @@ def _build(
 
 def _replay(program: _Program, x: Tensor, buffers) -> Tensor:
     compiled = buffers.compiled
-    if compiled is not None and compiled[0] is program and not any(map(_settled, compiled[2])) and COMPILE:
+    # Compiled again once a plan that was timing its close paths when captured has chosen one.
+    settled = compiled is not None and any(not layer_choice.settling(run) for run in compiled[2])
+    if compiled is not None and compiled[0] is program and not settled and COMPILE:
         return compiled[1].run(x, buffers)
     # Captured: the replay in Python, each kernel call described (ops.conv), then compiled into one
     # C.Program on the memory this Buffers gave them. Its buffers are dropped first: else every kept
@@ -269,8 +271,3 @@ def _captured(buffers, run, residual: Tensor | None) -> dict | None:
     if residual is not None and step.get("out") is residual:
         step = {**step, "out": None, "in_place": True}
     return {k: weakref.ref(v) if isinstance(v, Tensor) else v for k, v in step.items()}
-
-
-def _settled(run) -> bool:
-    """A plan that was timing its close paths when a program was captured, and has chosen since."""
-    return not layer_choice.settling(run)
