@@ -153,6 +153,10 @@ _CURRENT: contextvars.ContextVar[Buffers | None] = contextvars.ContextVar("resne
 
 def current() -> Buffers | None:
     """The running forward's Buffers, or None outside a forward whose activations are private."""
+    # A compiled graph never runs inside a private forward, and dynamo (torch 2.11) cannot trace
+    # ContextVar.get: answer before it has to.
+    if torch.compiler.is_compiling():
+        return None
     return _CURRENT.get()
 
 

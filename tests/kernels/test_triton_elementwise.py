@@ -299,7 +299,8 @@ def test_gpu_past_2_31_elements():
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs 24 GiB of GPU memory")
     shape = (2**31 // (64 * 224 * 224) + 1, 64, 224, 224)  # NHWC 1024x224x224x64 class of size
-    x = torch.zeros(shape, device="cuda", dtype=torch.float16, memory_format=torch.channels_last)
+    # torch.zeros takes no memory_format
+    x = torch.empty(shape, device="cuda", dtype=torch.float16, memory_format=torch.channels_last).zero_()
     x[-1].normal_()
     out = ew.scale_shift_act(
         x, torch.full((64,), 2.0, device="cuda"), torch.zeros(64, device="cuda"), relu=False

@@ -122,7 +122,9 @@ def test_nan_and_inf_propagate_like_torch(dtype, residual):
         x.float(), w.float(), b.float(), None if res is None else res.float(), True, *conv
     )
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
-    assert out[0].isnan().any() and out[1].isnan().any()
+    # A lone Inf pixel meets each output once: +-Inf there (NaN only where a kernel mixes it, e.g.
+    # Winograd), so image 1 is checked for non-finite values, not NaN.
+    assert out[0].isnan().any() and not out[1].isfinite().all()
     # The epilogue alone (eval BN without a fused conv): NaN and Inf of its input and residual pass through.
     y = conv_ops._conv_torch(x, w, None, None, False, *conv)
     scale = torch.rand(72, device="cuda") + 0.5
