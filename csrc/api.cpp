@@ -427,7 +427,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether every (kind, obj, name, expected) guard holds: kind 'attr', 'item', 'values' or 'type' (nn.replay)",
         py::arg("guards"));
   m.def("empty_huge", &resnet_fast::cpu::empty_huge,
-        "an uninitialized contiguous CPU tensor, on 2 MiB pages where it spans one (RESNET_FAST_HUGE_PAGES=0: never)",
+        "an uninitialized contiguous CPU tensor, on 2 MiB pages where it spans one and RESNET_FAST_HUGE_PAGES=1",
         py::arg("sizes"), py::arg("dtype"));
   m.def("all_finite", &resnet_fast::all_finite, "no Inf or NaN in a CPU tensor (one vectorized read pass)",
         py::arg("t"));

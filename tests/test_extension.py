@@ -164,11 +164,12 @@ def _huge_page_eligible(t: torch.Tensor) -> bool:
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_huge_puts_large_tensors_on_huge_pages(dtype, monkeypatch):
-    """Packed weights of 2 MiB or more are marked for 2 MiB pages (a forward streaming them needs 512x
-    fewer TLB entries); smaller ones, and all with RESNET_FAST_HUGE_PAGES=0, come from torch's allocator."""
+    """With RESNET_FAST_HUGE_PAGES=1, packed weights of 2 MiB or more are marked for 2 MiB pages (a
+    forward streaming them needs 512x fewer TLB entries); smaller ones, and all by default, come from
+    torch's allocator."""
     if _thp_mode() in (None, "never"):
         pytest.skip(f"needs Linux transparent huge pages (mode here: {_thp_mode()})")
-    monkeypatch.delenv("RESNET_FAST_HUGE_PAGES", raising=False)
+    monkeypatch.setenv("RESNET_FAST_HUGE_PAGES", "1")
     large = _C.empty_huge([3, 1 << 20], dtype)
     assert large.shape == (3, 1 << 20) and large.dtype == dtype and large.is_contiguous()
     assert large.data_ptr() % (2 << 20) == 0 and _huge_page_eligible(large)
@@ -177,5 +178,5 @@ def test_empty_huge_puts_large_tensors_on_huge_pages(dtype, monkeypatch):
     small = _C.empty_huge([1000], dtype)
     assert small.shape == (1000,) and small.dtype == dtype
     if _thp_mode() == "madvise":  # elsewhere ("always") every mapping is eligible
-        monkeypatch.setenv("RESNET_FAST_HUGE_PAGES", "0")
+        monkeypatch.delenv("RESNET_FAST_HUGE_PAGES")
         assert not _huge_page_eligible(_C.empty_huge([3, 1 << 20], dtype))

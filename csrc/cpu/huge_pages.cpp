@@ -1,4 +1,4 @@
-// Packed weights on transparent huge pages.
+// Packed weights on transparent huge pages, where RESNET_FAST_HUGE_PAGES=1 asks for them.
 //
 // A batch-1 ResNet-50 forward streams ~100 MB of packed weights: ~25,000 4 KiB pages, each a TLB miss
 // and page walk, 50 2 MiB ones. Where the kernel's THP mode is "madvise" (the usual default) only memory
@@ -7,7 +7,11 @@
 // activation buffers on huge pages: batch-1 forwards 1.013-1.035x faster in four runs, batch 8 0.99x;
 // but first calls 1.15x (batch 8) and 1.25x (batch 1) slower (in one process, models made in turn), so
 // activation buffers stay on torch's allocator; with packs alone, first calls at batch 8 took as long
-// (0.609 vs 0.618 s) and batch-1 forwards were 1.01x faster.
+// (0.609 vs 0.618 s) and batch-1 forwards were 1.01x faster. Off by default since the Zen 4 (2 cores,
+// THP defrag "madvise": a marked range is compacted as it faults): packs on huge pages made first calls
+// 0.31 s instead of 0.12 s at batch 1 and ~0.2 s longer at batch 8 (the packs' own time 0.30 s instead of
+// 0.10 s), for batch-1 forwards 1.018x faster and batch-8 ones 0.988x. Faulting them in with one
+// MADV_POPULATE_WRITE was slower still (batch 1: 0.41 s).
 
 #include "resnet_fast.h"
 
@@ -28,7 +32,7 @@ constexpr int64_t kHuge = int64_t{2} << 20;
 // Read on every call (allocations here are few: a model's packs).
 bool huge_pages_wanted() {
   const char* v = std::getenv("RESNET_FAST_HUGE_PAGES");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 }  // namespace
