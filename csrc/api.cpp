@@ -459,17 +459,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("padding"), py::arg("out") = py::none());
   m.def("pack_winograd_weight", &resnet_fast::cpu::pack_winograd_weight,
         "[Cout, Cin, 3, 3] float32 -> Winograd F(tile x tile, 3x3) weights G w G^T as [(tile + 2)^2, Cout/16, Cin, 16] "
-        "panels; tile 2 or 4; of w * scale[o] when a float32 [Cout] scale is given (a BN fold); None where a packed "
-        "value is not finite",
+        "panels, tile 2 or 4; bfloat16 (tile 2, an even Cin) -> [16, Cout/16, Cin/2, 16, 2] (channel pairs); of "
+        "w * scale[o] when a float32 [Cout] scale is given (a BN fold); None where a packed value is not finite",
         py::arg("w"), py::arg("tile") = 2, py::arg("scale") = py::none());
   m.def("conv_winograd_bias_act", &resnet_fast::cpu::conv_winograd_bias_act,
         "act(conv2d(x, w, stride 1) + b (+ residual)) for a 3x3 weight packed by pack_winograd_weight (either tile), "
-        "channels_last float32; written into out when given (out may be the residual itself), its scratch in workspace when given; "
+        "channels_last float32 or bfloat16 (F(2x2, 3x3), AVX512_BF16); written into out when given (out may be the residual itself), its scratch in workspace when given; "
         "None, with nothing written, where an input it reads is Inf or NaN (or its transform overflows)",
         py::arg("x"), py::arg("packed"), py::arg("b"), py::arg("residual"), py::arg("relu"), py::arg("padding"),
         py::arg("out") = py::none(), py::arg("workspace") = py::none());
   m.def("winograd_workspace_size", &resnet_fast::cpu::winograd_workspace_size,
-        "float32 elements of the workspace conv_winograd_bias_act needs for this input shape and tile",
+        "float32 elements of the (float32) workspace conv_winograd_bias_act needs for this input shape and tile, "
+        "in either dtype",
         py::arg("x_shape"), py::arg("cout"), py::arg("padding"), py::arg("tile") = 2);
   m.def("pad_cl", &resnet_fast::cpu::pad_cl,
         "write x zero-padded by padding (H, W) and to out's channel count into out (channels_last), in one pass",

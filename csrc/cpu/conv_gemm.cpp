@@ -293,16 +293,18 @@ void panel_tile(bool wide, const float* const* a, int64_t taps, int64_t cin, int
 // step a pair of input channels: one 32-bit broadcast of the row's two bfloat16 values, and per panel
 // vdpbf16ps adds both products to the float32 sums (the packed weight holds channel pairs,
 // [taps][cin/2][16][2]). All of K in one call (the output is bfloat16: no partial sums through it);
-// bias, residual and ReLU on the float32 sums, rounded to bfloat16 once, at the store.
+// bias, residual and ReLU on the float32 sums, rounded to bfloat16 once, at the store. TOut = float
+// stores the sums as they are (Winograd's products, transformed before they are rounded).
 __attribute__((target("avx512f"))) inline __m512 bf16x16_to_ps(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-template <int R, int NP>
+template <int R, int NP, typename TOut>
 __attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_t* const* a, int64_t taps, int64_t cin,
-                                                                   const uint16_t* bp, int64_t pstride, uint16_t* const* c,
+                                                                   const uint16_t* bp, int64_t pstride, TOut* const* c,
                                                                    const float* bias, const uint16_t* const* res,
                                                                    bool relu) {
+  constexpr int kLine = 64 / (NR * int(sizeof(TOut)));  // panels a cache line of output holds
   __m512 acc[R][NP];
   if (res) {  // read after the K loop: prefetched now (NP x 32 bytes a row)
 #pragma GCC unroll 6
@@ -313,7 +315,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_
 #pragma GCC unroll 6
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < NP; j += 2) _mm_prefetch(reinterpret_cast<const char*>(c[i] + j * NR), _MM_HINT_T0);
+      for (int j = 0; j < NP; j += kLine) _mm_prefetch(reinterpret_cast<const char*>(c[i] + j * NR), _MM_HINT_T0);
   }
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i)
@@ -347,15 +349,18 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_tile_bf16(const uint16_
     for (int j = 0; j < NP; ++j) {
       if (res) acc[i][j] = _mm512_add_ps(acc[i][j], bf16x16_to_ps(res[i] + j * NR));
       if (relu) acc[i][j] = _mm512_max_ps(zero, acc[i][j]);  // NaN kept, as in micro_tile_avx2
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[i] + j * NR), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+      if constexpr (std::is_same_v<TOut, float>) {
+        _mm512_storeu_ps(c[i] + j * NR, acc[i][j]);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c[i] + j * NR), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+      }
     }
   }
 }
 
-template <int R>
+template <int R, typename TOut>
 void micro_tile_bf16_rows(int64_t np, const uint16_t* const* a, int64_t taps, int64_t cin, const uint16_t* bp,
-                          int64_t pstride, uint16_t* const* c, const float* bias, const uint16_t* const* res,
-                          bool relu) {
+                          int64_t pstride, TOut* const* c, const float* bias, const uint16_t* const* res, bool relu) {
   switch (np) {
     case 1: return micro_tile_bf16<R, 1>(a, taps, cin, bp, pstride, c, bias, res, relu);
     case 2: return micro_tile_bf16<R, 2>(a, taps, cin, bp, pstride, c, bias, res, relu);
@@ -365,8 +370,9 @@ void micro_tile_bf16_rows(int64_t np, const uint16_t* const* a, int64_t taps, in
 }
 
 // One bfloat16 tile of `rows` <= MR rows and np <= NP512 panels.
+template <typename TOut>
 void panel_tile_bf16(const uint16_t* const* a, int64_t taps, int64_t cin, const uint16_t* bp, int64_t pstride,
-                     int64_t np, uint16_t* const* c, int64_t rows, const float* bias, const uint16_t* const* res,
+                     int64_t np, TOut* const* c, int64_t rows, const float* bias, const uint16_t* const* res,
                      bool relu) {
   switch (rows) {
     case 1: return micro_tile_bf16_rows<1>(np, a, taps, cin, bp, pstride, c, bias, res, relu);
@@ -948,7 +954,10 @@ at::Tensor conv_amx_bias_act(const at::Tensor& x, const at::Tensor& packed, cons
 // M[P][tiles][Cout] = V[pos] @ U[pos], and the output transform adds bias and residual and applies the
 // ReLU. The weights' transform U = G g G^T is done once, when packing. F(4x4) does 44% fewer
 // multiplications than F(2x2) but its weights are 2.25x larger, and its transforms' coefficients (up to
-// 8) cost some precision: layer_choice times both where both run.
+// 8) cost some precision: layer_choice times both where both run. Bfloat16 (F(2x2) only): the transforms
+// in float32, V and U rounded to bfloat16 for AVX512_BF16's dot products, M in float32, the output
+// rounded once. Emulated over ResNet-50 (3 inputs), logits 0.0048-0.0053 from float32's (max relative),
+// where the direct bfloat16 convolution gives 0.0042-0.0044 and torch's bfloat16 model 0.0052-0.0060.
 
 namespace {
 
@@ -1009,21 +1018,42 @@ struct Winograd<4> {
 };
 
 #if RF_HAVE_CONV_GEMM
+// 8 channels of float32 or bfloat16 (uint16_t) as float32, and back: a bfloat16 store rounds to nearest
+// even (NaN stays NaN, as c10::BFloat16 rounds) and returns the value stored, widened.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx2,fma"))) inline __m256 store8(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+  return v;
+}
+__attribute__((target("avx2,fma"))) inline __m256 store8(uint16_t* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+}
+
 // V[pos][tile][c] for tiles [t0, t1): B^T d B per channel of each N x N patch (zeros outside the
 // image), 8 channels per step (cin is a multiple of 8). Whether every value of V is finite: one Inf or
 // NaN in a patch (or a transform past float32's range) would reach all of the tile's outputs, where torch
 // keeps most of them finite. Each input the layer reads has a nonzero weight in some value of V (B is
 // invertible), so a finite V means finite inputs; v - v is +0 for a finite v and NaN otherwise.
-template <int M>
-__attribute__((target("avx2,fma"))) bool winograd_input(const float* x, float* v, const Geometry& g, int64_t tiles_h,
+template <int M, typename T>
+__attribute__((target("avx2,fma"))) bool winograd_input(const T* x, T* v, const Geometry& g, int64_t tiles_h,
                                                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t tiles) {
   constexpr int N = Winograd<M>::N;
   const int64_t cin = g.cin, pos_stride = tiles * cin;
-  const std::vector<float> zeros(cin, 0.f);
+  const std::vector<T> zeros(cin, T(0));
   __m256 seen = _mm256_setzero_ps();  // the OR of every v - v: NaN lanes iff a value was not finite
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tiles_h * tiles_w), ty = (t / tiles_w) % tiles_h, tx = t % tiles_w;
-    const float* d[N][N];  // the patch's pixels (a zero row outside the image)
+    const T* d[N][N];  // the patch's pixels (a zero row outside the image)
     for (int64_t r = 0; r < N; ++r) {
       for (int64_t q = 0; q < N; ++q) {
         const int64_t iy = M * ty - g.ph + r, ix = M * tx - g.pw + q;
@@ -1031,12 +1061,12 @@ __attribute__((target("avx2,fma"))) bool winograd_input(const float* x, float* v
         d[r][q] = inside ? x + ((img * g.h + iy) * g.w + ix) * cin : zeros.data();
       }
     }
-    float* o = v + t * cin;
+    T* o = v + t * cin;
     for (int64_t c = 0; c < cin; c += 8) {
       __m256 s[N][N];  // B^T d, by rows
       for (int64_t q = 0; q < N; ++q) {
         __m256 col[N], out[N];
-        for (int64_t r = 0; r < N; ++r) col[r] = _mm256_loadu_ps(d[r][q] + c);
+        for (int64_t r = 0; r < N; ++r) col[r] = load8(d[r][q] + c);
         Winograd<M>::input(col, out);
         for (int64_t r = 0; r < N; ++r) s[r][q] = out[r];
       }
@@ -1044,8 +1074,8 @@ __attribute__((target("avx2,fma"))) bool winograd_input(const float* x, float* v
         __m256 out[N];
         Winograd<M>::input(s[r], out);
         for (int64_t q = 0; q < N; ++q) {
-          _mm256_storeu_ps(o + (r * N + q) * pos_stride + c, out[q]);
-          seen = _mm256_or_ps(seen, _mm256_sub_ps(out[q], out[q]));
+          const __m256 stored = store8(o + (r * N + q) * pos_stride + c, out[q]);
+          seen = _mm256_or_ps(seen, _mm256_sub_ps(stored, stored));
         }
       }
     }
@@ -1055,9 +1085,9 @@ __attribute__((target("avx2,fma"))) bool winograd_input(const float* x, float* v
 
 // act(A^T m A + b (+ residual)) for tiles [t0, t1), written where the M x M tile lies inside the
 // output, 8 channels per step (cout is a multiple of 16).
-template <int M>
-__attribute__((target("avx2,fma"))) void winograd_output(const float* m, float* out, const float* bias,
-                                                         const float* res, bool relu, const Geometry& g,
+template <int M, typename T>
+__attribute__((target("avx2,fma"))) void winograd_output(const float* m, T* out, const float* bias, const T* res,
+                                                         bool relu, const Geometry& g,
                                                          int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
                                                          int64_t tiles) {
   constexpr int N = Winograd<M>::N;
@@ -1090,44 +1120,51 @@ __attribute__((target("avx2,fma"))) void winograd_output(const float* m, float* 
         for (int64_t j = 0; j < M; ++j) {
           if (!inside[i][j]) continue;
           __m256 v = _mm256_add_ps(y[j], b);
-          if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + off[i][j] + c));
+          if (res) v = _mm256_add_ps(v, load8(res + off[i][j] + c));
           if (relu) v = _mm256_max_ps(zero, v);  // NaN kept, as in micro_tile
-          _mm256_storeu_ps(out + off[i][j] + c, v);
+          store8(out + off[i][j] + c, v);
         }
       }
     }
   }
 }
 
-// Whether it ran: false (and nothing written to op) where the transformed input is not finite.
-template <int M>
-bool winograd_run(const float* xp, const float* up, const float* bp, const float* rp, float* op, float* vp, bool relu,
+// Whether it ran: false (and nothing written to op) where the transformed input is not finite. T is the
+// data's type: float, or uint16_t holding bfloat16 (V and U bfloat16, M float32). ws: the workspace,
+// V [P][tiles][Cin] then M [P][tiles][Cout] (float32 elements: V in bfloat16 uses half its room).
+template <int M, typename T>
+bool winograd_run(const T* xp, const T* up, const float* bp, const T* rp, T* op, float* ws, bool relu,
                   const Geometry& g) {
   constexpr int64_t P = Winograd<M>::N * Winograd<M>::N;
   const int64_t tiles_h = (g.oh + M - 1) / M, tiles_w = (g.ow + M - 1) / M, tiles = g.n * tiles_h * tiles_w;
   const int64_t cin = g.cin, cout = g.cout, panels = cout / NR;
-  float* mp = vp + P * tiles * cin;
+  T* vp = reinterpret_cast<T*>(ws);
+  float* mp = ws + P * tiles * cin;
   // The transforms split their tiles over the threads however few (grain 1): at batch 1 a 7x7 or 14x14
   // layer has 4-49 tiles, and with a grain of 16 one thread transformed 16 of them alone (in-process
   // A/B on the Xeon, batch-1 7x7 and 14x14 layers: 1.08-1.15x faster).
   std::atomic<bool> finite{true};
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    if (!winograd_input<M>(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles)) finite.store(false, std::memory_order_relaxed);
+    if (!winograd_input<M, T>(xp, vp, g, tiles_h, tiles_w, t0, t1, tiles)) {
+      finite.store(false, std::memory_order_relaxed);
+    }
   });
   if (!finite.load()) return false;
-  const bool wide = use_avx512();
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  const bool wide = bf16 || use_avx512();
   const int64_t np_tile = wide ? NP512 : 1;
+  const int64_t k_block = bf16 ? cin : KC;  // bfloat16: all of K in one call
   const int64_t mt = even_rows(tiles), row_tiles = (tiles + mt - 1) / mt;
   share_tasks(P * row_tiles, [&](const auto& take) {
     for (int64_t task = take(); task < P * row_tiles; task = take()) {
       const int64_t pos = task / row_tiles, m0 = (task % row_tiles) * mt, m1 = std::min(tiles, m0 + mt);
-      const float* a_base = vp + pos * tiles * cin;
+      const T* a_base = vp + pos * tiles * cin;
       float* c_base = mp + pos * tiles * cout;
-      for (int64_t k0 = 0; k0 < cin; k0 += KC) {
-        const int64_t kc = std::min(KC, cin - k0);
+      for (int64_t k0 = 0; k0 < cin; k0 += k_block) {
+        const int64_t kc = std::min(k_block, cin - k0);
         for (int64_t r = m0; r < m1; r += MR) {
           const int64_t rows = std::min(MR, m1 - r);
-          const float* a[MR];
+          const T* a[MR];
           float* c[MR];
           for (int64_t i = 0; i < MR; ++i) {
             const int64_t row = r + std::min(i, rows - 1);
@@ -1137,15 +1174,21 @@ bool winograd_run(const float* xp, const float* up, const float* bp, const float
           for (int64_t p = 0; p < panels; p += np_tile) {
             float* cp[MR];
             for (int64_t i = 0; i < MR; ++i) cp[i] = c[i] + p * NR;
-            panel_tile(wide, a, 1, cin, k0, kc, up + (pos * panels + p) * cin * NR, cin * NR,
-                       std::min(np_tile, panels - p), cp, rows, k0 == 0, k0 + kc >= cin, nullptr, nullptr, false);
+            const int64_t np = std::min(np_tile, panels - p);
+            if constexpr (bf16) {
+              panel_tile_bf16(a, 1, cin, up + (pos * panels + p) * cin * NR, cin * NR, np, cp, rows, nullptr,
+                              nullptr, false);
+            } else {
+              panel_tile(wide, a, 1, cin, k0, kc, up + (pos * panels + p) * cin * NR, cin * NR, np, cp, rows,
+                         k0 == 0, k0 + kc >= cin, nullptr, nullptr, false);
+            }
           }
         }
       }
     }
   });
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    winograd_output<M>(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles);
+    winograd_output<M, T>(mp, op, bp, rp, relu, g, tiles_h, tiles_w, t0, t1, tiles);
   });
   return true;
 }
@@ -1154,9 +1197,10 @@ bool winograd_run(const float* xp, const float* up, const float* bp, const float
 // U = G g G^T for one panel (16 output channels, the vector lanes) at one input channel: g[k][lane] the 3x3
 // taps, out[pos * pos_stride + lane]. kG g kG^T (integers up to 4) is exact in float64 unless a kernel's
 // taps differ by more than 2^29 in magnitude; then one float64 division, and the rounding to float.
-template <int M>
-__attribute__((always_inline)) inline bool winograd_weight_panel(const double (*g)[NR], float* out,
-                                                                 int64_t pos_stride) {
+// Bfloat16 (T = uint16_t): rounded once more, to bfloat16 (through float32), lanes `lane` elements apart.
+template <int M, typename T>
+__attribute__((always_inline)) inline bool winograd_weight_panel(const double (*g)[NR], T* out, int64_t pos_stride,
+                                                                 int64_t lane) {
   using W = Winograd<M>;
   constexpr int N = W::N;
   double t[N][3][NR];  // kG g
@@ -1171,11 +1215,17 @@ __attribute__((always_inline)) inline bool winograd_weight_panel(const double (*
   for (int i = 0; i < N; ++i) {
     for (int j = 0; j < N; ++j) {
       const double div = W::kDiv[i] * W::kDiv[j];
-      float* o = out + (i * N + j) * pos_stride;
+      T* o = out + (i * N + j) * pos_stride;
       for (int l = 0; l < NR; ++l) {
         const double u = W::kG[j][0] * t[i][0][l] + W::kG[j][1] * t[i][1][l] + W::kG[j][2] * t[i][2][l];
-        const float v = static_cast<float>(u / div);
-        o[l] = v;
+        float v = static_cast<float>(u / div);
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          const c10::BFloat16 h(v);
+          o[l * lane] = h.x;
+          v = static_cast<float>(h);
+        } else {
+          o[l * lane] = v;
+        }
         finite &= finite_value(v);
       }
     }
@@ -1184,46 +1234,58 @@ __attribute__((always_inline)) inline bool winograd_weight_panel(const double (*
 }
 
 // Panels [b, e) of (panel, input channel) pairs, one full 64-byte line per position and pair, from
-// w[o] * scale[o] (scale may be null; the float32 product, as the fold computes it). Whether every value
-// written is finite.
-template <int M>
-__attribute__((always_inline)) inline bool pack_winograd_range(const float* src, const float* scale, float* dst,
-                                                               int64_t cout, int64_t cin, int64_t b, int64_t e) {
+// w[o] * scale[o] (scale may be null; the float32 product, as the fold computes it, rounded to bfloat16
+// for a bfloat16 weight). Whether every value written is finite. T: float, or uint16_t holding bfloat16,
+// whose panels hold channel pairs ([Cin/2][16][2], the bfloat16 GEMM's).
+template <int M, typename T>
+__attribute__((always_inline)) inline bool pack_winograd_range(const T* src, const float* scale, T* dst, int64_t cout,
+                                                               int64_t cin, int64_t b, int64_t e) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   double g[9][NR];
   bool finite = true;
   for (int64_t i = b; i < e; ++i) {
     const int64_t panel = i / cin, c = i % cin;
     for (int64_t l = 0; l < NR; ++l) {
-      const float* taps = src + ((panel * NR + l) * cin + c) * 9;
+      const T* taps = src + ((panel * NR + l) * cin + c) * 9;
       const float s = scale ? scale[panel * NR + l] : 1.0f;
-      for (int k = 0; k < 9; ++k) g[k][l] = scale ? taps[k] * s : taps[k];
+      for (int k = 0; k < 9; ++k) {
+        float v;
+        if constexpr (bf16) {
+          v = static_cast<float>(c10::BFloat16(taps[k], c10::BFloat16::from_bits()));
+          if (scale) v = static_cast<float>(c10::BFloat16(v * s));
+        } else {
+          v = scale ? taps[k] * s : taps[k];
+        }
+        g[k][l] = v;
+      }
     }
-    finite &= winograd_weight_panel<M>(g, dst + (panel * cin + c) * NR, cout * cin);
+    T* out = bf16 ? dst + (panel * cin + c / 2 * 2) * NR + c % 2 : dst + (panel * cin + c) * NR;
+    finite &= winograd_weight_panel<M, T>(g, out, cout * cin, bf16 ? 2 : 1);
   }
   return finite;
 }
 
 #if RF_HAVE_CONV_GEMM
-template <int M>
-__attribute__((target("avx2,fma"))) bool pack_winograd_range_avx2(const float* src, const float* scale, float* dst,
+template <int M, typename T>
+__attribute__((target("avx2,fma"))) bool pack_winograd_range_avx2(const T* src, const float* scale, T* dst,
                                                                    int64_t cout, int64_t cin, int64_t b, int64_t e) {
-  return pack_winograd_range<M>(src, scale, dst, cout, cin, b, e);
+  return pack_winograd_range<M, T>(src, scale, dst, cout, cin, b, e);
 }
 #endif
 
-template <int M>
-bool pack_winograd(const float* src, const float* scale, float* dst, int64_t cout, int64_t cin) {
+template <int M, typename T>
+bool pack_winograd(const T* src, const float* scale, T* dst, int64_t cout, int64_t cin) {
   // Vectorized across a panel's output channels (the float64 scalar version took 36 ms for a 512-channel
   // F(4x4) weight, most of a first call's packing).
   std::atomic<bool> finite{true};
   at::parallel_for(0, cout / NR * cin, 64, [&](int64_t b, int64_t e) {
 #if RF_HAVE_CONV_GEMM
     if (cpu_features().avx2_fma) {
-      if (!pack_winograd_range_avx2<M>(src, scale, dst, cout, cin, b, e)) finite.store(false);
+      if (!pack_winograd_range_avx2<M, T>(src, scale, dst, cout, cin, b, e)) finite.store(false);
       return;
     }
 #endif
-    if (!pack_winograd_range<M>(src, scale, dst, cout, cin, b, e)) finite.store(false);
+    if (!pack_winograd_range<M, T>(src, scale, dst, cout, cin, b, e)) finite.store(false);
   });
   return finite.load();
 }
@@ -1241,19 +1303,34 @@ int64_t winograd_workspace_size(at::IntArrayRef x_shape, int64_t cout, at::IntAr
 }
 
 std::optional<at::Tensor> pack_winograd_weight(const at::Tensor& w, int64_t tile, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
-              "pack_winograd_weight: expected a float32 [Cout, Cin, 3, 3] CPU weight, got ", w.sizes(), " ",
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && w.device().is_cpu(),
+              "pack_winograd_weight: expected a float32 or bfloat16 [Cout, Cin, 3, 3] CPU weight, got ", w.sizes(), " ",
               w.scalar_type(), " on ", w.device());
   TORCH_CHECK(w.size(0) % NR == 0, "pack_winograd_weight: Cout must be a multiple of ", NR, ", got ", w.size(0));
   TORCH_CHECK(tile == 2 || tile == 4, "pack_winograd_weight: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
               tile);
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || (tile == 2 && w.size(1) % 2 == 0),
+              "pack_winograd_weight: a bfloat16 weight takes tile 2 (F(2x2, 3x3)) and an even Cin, got tile ", tile,
+              " and ", w.size(1), " input channels");
   const int64_t cout = w.size(0), cin = w.size(1);
   const float* sp = check_scale("pack_winograd_weight", scale, cout);
   const at::Tensor wc = w.contiguous();
-  // [P positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight.
-  at::Tensor packed = empty_huge({winograd_positions(tile), cout / NR, cin, NR}, at::kFloat);
-  const bool finite = tile == 2 ? pack_winograd<2>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin)
-                                : pack_winograd<4>(wc.const_data_ptr<float>(), sp, packed.mutable_data_ptr<float>(), cout, cin);
+  const int64_t positions = winograd_positions(tile);
+  bool finite;
+  at::Tensor packed;
+  if (bf16) {  // [P positions][Cout/16][Cin/2][16][2]: per position, the bfloat16 GEMM's panels of a 1x1 weight
+    packed = empty_huge({positions, cout / NR, cin / 2, NR, 2}, at::kBFloat16);
+    const auto* src = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
+    auto* dst = reinterpret_cast<uint16_t*>(packed.mutable_data_ptr<at::BFloat16>());
+    finite = pack_winograd<2>(src, sp, dst, cout, cin);
+  } else {  // [P positions][Cout/16][Cin][16]: per position, the conv_gemm panels of a 1x1 weight
+    packed = empty_huge({positions, cout / NR, cin, NR}, at::kFloat);
+    const float* src = wc.const_data_ptr<float>();
+    float* dst = packed.mutable_data_ptr<float>();
+    finite = tile == 2 ? pack_winograd<2>(src, sp, dst, cout, cin) : pack_winograd<4>(src, sp, dst, cout, cin);
+  }
   if (!finite) return std::nullopt;
   return packed;
 }
@@ -1264,12 +1341,18 @@ std::optional<at::Tensor> conv_winograd_bias_act(const at::Tensor& x, const at::
                                                  at::IntArrayRef padding, const std::optional<at::Tensor>& out_,
                                                  const std::optional<at::Tensor>& workspace) {
   const char* name = "conv_winograd_bias_act";
-  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": expected a float32 input, got ", x.scalar_type());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || bf16, name, ": expected a float32 or bfloat16 input, got ",
+              x.scalar_type());
+  TORCH_CHECK(!bf16 || conv_gemm_bf16_supported(), name, ": bfloat16 needs a CPU with AVX512_BF16");
   // The tile size is the packed weight's: 16 positions for F(2x2, 3x3), 36 for F(4x4, 3x3).
   const int64_t tile = packed.dim() == 4 && packed.size(0) == 36 ? 4 : 2;
-  TORCH_CHECK(packed.dim() == 4 && (packed.size(0) == 16 || packed.size(0) == 36) && packed.size(3) == NR &&
-                  packed.size(2) == x.size(1) && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
-              name, ": weight not packed by pack_winograd_weight for ", x.size(1), " input channels");
+  const bool layout = bf16 ? packed.dim() == 5 && packed.size(0) == 16 && packed.size(2) * 2 == x.size(1) &&
+                                 packed.size(3) == NR && packed.size(4) == 2
+                           : packed.dim() == 4 && (packed.size(0) == 16 || packed.size(0) == 36) &&
+                                 packed.size(2) == x.size(1) && packed.size(3) == NR;
+  TORCH_CHECK(layout && packed.scalar_type() == x.scalar_type() && packed.is_contiguous(), name,
+              ": weight not packed by pack_winograd_weight for ", x.size(1), " ", x.scalar_type(), " input channels");
   TORCH_CHECK(x.size(1) % 8 == 0, name, ": input channels must be a multiple of 8, got ", x.size(1));
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": x must be channels_last");
   const Geometry g = check_args(name, x, 3, 3, packed.size(1) * NR, b, residual, {1, 1}, padding, {1, 1});
@@ -1286,15 +1369,22 @@ std::optional<at::Tensor> conv_winograd_bias_act(const at::Tensor& x, const at::
     at::assert_no_overlap(space, x);
     at::assert_no_overlap(space, out);
   } else {
-    space = at::empty({need}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    space = at::empty({need}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   }
   const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
-  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  auto run = tile == 4 ? winograd_run<4> : winograd_run<2>;
-  if (!run(x.const_data_ptr<float>(), packed.const_data_ptr<float>(), bp, rp, out.mutable_data_ptr<float>(),
-           space.mutable_data_ptr<float>(), relu, g)) {
-    return std::nullopt;
+  float* ws = space.mutable_data_ptr<float>();
+  bool ran;
+  if (bf16) {
+    auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
+    ran = winograd_run<2, uint16_t>(bits(x), bits(packed), bp, residual.has_value() ? bits(*residual) : nullptr,
+                                    reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), ws, relu, g);
+  } else {
+    const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+    auto run = tile == 4 ? winograd_run<4, float> : winograd_run<2, float>;
+    ran = run(x.const_data_ptr<float>(), packed.const_data_ptr<float>(), bp, rp, out.mutable_data_ptr<float>(), ws,
+              relu, g);
   }
+  if (!ran) return std::nullopt;
 #endif
   return out;
 }

@@ -248,7 +248,7 @@ def _compile(program: _Program, steps: list[tuple], buffers, x: Tensor) -> tuple
         args = None
         if step is not None:
             if "workspace" in step:  # the scratch only grows: the last one serves every step
-                step = {**step, "workspace": buffers.scratch(0, x)}
+                step = {**step, "workspace": buffers.scratch(0, x.device)}
             args = {k: v() if isinstance(v, weakref.ref) else v for k, v in step.items()}
             if any(args[k] is None for k, v in step.items() if isinstance(v, weakref.ref)):
                 args = None  # a tensor it wrote or read is gone: the plan runs in Python

@@ -133,10 +133,11 @@ class Buffers:
             t = views[key] = like.new_empty(0).set_(memory, 0, shape, (h * w * c, 1, w * c, c))
         return t
 
-    def scratch(self, numel: int, like: Tensor) -> Tensor:
-        """A 1-D tensor of at least numel elements for a kernel's temporaries (valid until the next call)."""
-        if self._scratch is None or self._scratch.numel() < numel or self._scratch.dtype != like.dtype:
-            self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+    def scratch(self, numel: int, device: torch.device) -> Tensor:
+        """A 1-D float32 tensor of at least numel elements for a kernel's temporaries (valid until the next
+        call): Winograd's, in float32 for either dtype."""
+        if self._scratch is None or self._scratch.numel() < numel or self._scratch.device != device:
+            self._scratch = torch.empty(numel, dtype=torch.float32, device=device)
         return self._scratch
 
     def nbytes(self) -> int:

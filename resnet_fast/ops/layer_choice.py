@@ -108,8 +108,9 @@ def cpu_name() -> str:
 
 
 # Revision of our own kernels (csrc/cpu, kernels/): part of the cache file's name, raised whenever a
-# kernel's speed changes, so choices measured against an older one are measured again.
-KERNELS_REVISION = 10
+# kernel's speed changes or a candidate is added, so choices measured against an older one are measured
+# again (11: Winograd F(2x2, 3x3) in bfloat16).
+KERNELS_REVISION = 11
 
 
 def cache_file(device_type: str = "cuda") -> Path:
