@@ -72,7 +72,9 @@ def _first_call_elsewhere(batch: int, size: int, choices: Path) -> float:
     """Seconds of resnet_fast's first call on a fresh model in a new process (this script with
     --first-call-child), its layer choices read from and written to `choices`."""
     command = [sys.executable, __file__, "--first-call-child", str(choices), "--batch", str(batch)]
-    done = subprocess.run([*command, "--size", str(size)], capture_output=True, text=True, check=True)
+    done = subprocess.run([*command, "--size", str(size)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"first call in a new process failed:\n{done.stderr}")
     return float(done.stdout.split()[-1])
 
 
@@ -186,11 +188,10 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
             choices = Path(folder) / f"choices{i}.json"
             samples["resnet_fast_empty_cache"].append(_first_call_elsewhere(args.batch, args.size, choices))
             samples["resnet_fast_empty_cache batch 1"].append(_first_call_elsewhere(1, args.size, choices))
+        choices = Path(folder) / "choices0.json"
         for _ in range(args.first_calls):
-            choices = Path(folder) / "choices0.json"
             samples["resnet_fast"].append(_first_call_elsewhere(args.batch, args.size, choices))
             samples["resnet_fast batch 1"].append(_first_call_elsewhere(1, args.size, choices))
-        cached, empty_cache, cached1, empty_cache1 = (statistics.median(v) for v in samples.values())
         # The steady state below: plans made here, settling close calls into the first sample's file.
         saved = layer_choice.CPU_CACHE
         try:
@@ -202,17 +203,13 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
         finally:
             layer_choice.CPU_CACHE = saved
         compiled = _compiled(theirs)
-        warm = {
-            "resnet_fast": cached,
-            "resnet_fast_empty_cache": empty_cache,
-            "resnet_fast batch 1": cached1,
-            "resnet_fast_empty_cache batch 1": empty_cache1,
-            "compile+freezing": _first_call(lambda: compiled(x)),
-        }
+        warm = {name: statistics.median(v) for name, v in samples.items()}
+        warm["compile+freezing"] = _first_call(lambda: compiled(x))
         print(
             f"first call (s): resnet_fast {warm['resnet_fast']:.2f} (fold + prepack, layer choices from the cache), "
-            f"{empty_cache:.2f} with an empty cache (every layer choice timed); at batch 1 {cached1:.2f} and "
-            f"{empty_cache1:.2f}; compile+freezing {warm['compile+freezing']:.1f} (compilation)"
+            f"{warm['resnet_fast_empty_cache']:.2f} with an empty cache (every layer choice timed); at batch 1 "
+            f"{warm['resnet_fast batch 1']:.2f} and {warm['resnet_fast_empty_cache batch 1']:.2f}; "
+            f"compile+freezing {warm['compile+freezing']:.1f} (compilation)"
         )
         result["first_call_s"] = warm
         result["first_call_samples_s"] = samples
@@ -248,10 +245,21 @@ def _fp32(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
 
 def _bf16(x: torch.Tensor, args: argparse.Namespace, result: dict) -> None:
     ours, theirs = _models(torch.bfloat16)
+    reference = _models(torch.float32)[1](x).double()
     x = x.to(torch.bfloat16)
     compiled = _compiled(theirs)
     result["first_call_s"]["compile+freezing bf16"] = _first_call(lambda: compiled(x))
     result["first_call_s"]["resnet_fast bf16"] = _first_call(lambda: ours(x))
+    # Against the float32 model: ours (bf16 GEMM, Winograd where chosen) beside torchvision's own bf16.
+    diff = {
+        name: float((model(x).double() - reference).abs().max() / reference.abs().max())
+        for name, model in (("resnet_fast", ours), ("torchvision bf16", theirs))
+    }
+    print(
+        f"bf16: max |ours - fp32| / max |fp32| = {diff['resnet_fast']:.2e} "
+        f"(torchvision bf16: {diff['torchvision bf16']:.2e})"
+    )
+    result["bf16_rel_diff_vs_fp32"] = diff
     result["runs"]["bf16"] = _run(
         f"bf16, batch {args.batch}, {args.size}x{args.size}",
         {

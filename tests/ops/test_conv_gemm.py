@@ -479,6 +479,16 @@ def test_model_runs_every_layer_on_our_kernels(request, _always_ours):
     assert all(fold.last(c)._weight is None for c in convs)
 
 
+def _assert_bf16_close(out, expected, theirs, bound=2**-8):
+    """out (bfloat16) within `bound` of the float64 reference's magnitude, and no worse than 2x torch's own
+    bfloat16 result `theirs` (or half a bfloat16 ulp of the magnitude, where torch's happens to be exact)."""
+    assert out.dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    error = (out.double() - expected).abs().max().item()
+    assert error <= bound * scale
+    assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+
+
 needs_bf16 = pytest.mark.skipif(
     _C is None or not _C.conv_gemm_bf16_supported(),
     reason="this CPU has no AVX512_BF16: the bfloat16 GEMM cannot run here",
@@ -501,11 +511,7 @@ def test_bf16_gemm_matches_float64_reference(shape, residual):
     )
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
     theirs = F.conv2d(x, weight, bias.bfloat16(), s, p, d)
-    theirs = torch.relu(theirs + res if residual else theirs)
-    scale = expected.abs().max().item()
-    error = (out.double() - expected).abs().max().item()
-    assert error <= 2**-8 * scale
-    assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+    _assert_bf16_close(out, expected, torch.relu(theirs + res if residual else theirs))
 
 
 @needs_bf16
@@ -522,15 +528,10 @@ def test_bf16_gemm_over_kernel_rows_matches_float64_reference(shape):
     assert list(kernels) == ["gemm_rows"] + ["amx_rows"] * amx
     expected = _reference(x, weight, bias.float(), res, True, stride, padding, 1)
     theirs = torch.relu(F.conv2d(x, weight, bias, stride, padding) + res)
-    scale = expected.abs().max().item()
     buffers = Buffers()
     buffers.start(x)
     for path in list(kernels) * 2:
-        out = kernels[path][0](x, res, None, buffers)
-        assert out.dtype == torch.bfloat16
-        error = (out.double() - expected).abs().max().item()
-        assert error <= 2**-8 * scale
-        assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+        _assert_bf16_close(kernels[path][0](x, res, None, buffers), expected, theirs)
 
 
 @needs_bf16
@@ -566,11 +567,7 @@ def test_bf16_winograd_matches_float64_reference(shape, residual):
     out = _winograd(x, weight, bias, res, True, p)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
     theirs = F.conv2d(x, weight, bias.bfloat16(), 1, p)
-    theirs = torch.relu(theirs + res if residual else theirs)
-    scale = expected.abs().max().item()
-    error = (out.double() - expected).abs().max().item()
-    assert error <= 2**-7 * scale
-    assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+    _assert_bf16_close(out, expected, torch.relu(theirs + res if residual else theirs), 2**-7)
 
 
 @needs_bf16
@@ -646,7 +643,6 @@ def test_amx_matches_float64_reference(shape):
     bias = bias.float()
     expected = _reference(x, weight, bias, res, True, stride, padding, 1)
     theirs = torch.relu(F.conv2d(x, weight, bias.bfloat16(), stride, padding) + res)
-    scale = expected.abs().max().item()
     geometry = ([stride] * 2, [padding] * 2)
     kernels = conv_ops._own_kernels(_C, {}, x, weight, lambda: weight, bias, True, *geometry, [1, 1], 1, None)
     assert list(kernels) == ["gemm", "amx"]
@@ -655,10 +651,8 @@ def test_amx_matches_float64_reference(shape):
     outs = [_C.conv_amx_bias_act(x, _C.pack_conv_gemm_weight(weight), bias, res, True, *geometry)]
     outs += [kernels["amx"][0](x, res, None, buffers) for _ in range(2)]
     for out in outs:
-        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
-        error = (out.double() - expected).abs().max().item()
-        assert error <= 2**-8 * scale
-        assert error <= max(2 * (theirs.double() - expected).abs().max().item(), 2**-9 * scale)
+        assert out.is_contiguous(memory_format=CL)
+        _assert_bf16_close(out, expected, theirs)
 
 
 @needs_amx
